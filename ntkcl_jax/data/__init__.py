@@ -1,0 +1,44 @@
+"""Data: class order and task split, sources, transforms, task stream (SPEC 2.5, 2.7, 6).
+
+Plain arguments in, NumPy out; no model, flax or config imports, and no TensorFlow.
+"""
+
+from ntkcl_jax.data.class_order import class_order, label_to_task, relabel, task_splits
+from ntkcl_jax.data.sources import (
+  BENCHMARKS,
+  ArraySource,
+  FileSource,
+  ImageFolderSource,
+  ManifestSource,
+  Source,
+  TFDSSource,
+  animal_mnist,
+  domainnet_yaml,
+  fashion_mnist,
+  make_source,
+  manifest_hash,
+  source_manifest_hash,
+)
+from ntkcl_jax.data.stream import TaskStream, global_batch
+
+__all__ = [
+  "BENCHMARKS",
+  "ArraySource",
+  "FileSource",
+  "ImageFolderSource",
+  "ManifestSource",
+  "Source",
+  "TFDSSource",
+  "TaskStream",
+  "animal_mnist",
+  "class_order",
+  "domainnet_yaml",
+  "fashion_mnist",
+  "global_batch",
+  "label_to_task",
+  "make_source",
+  "manifest_hash",
+  "relabel",
+  "source_manifest_hash",
+  "task_splits",
+]
