@@ -74,17 +74,16 @@ def epoch_cosine_schedule(lr0: float, epochs: int, steps_per_epoch: int) -> opta
   return schedule
 
 
-def make_optimizer(
-  schedule: optax.Schedule | float, weight_decay: float, momentum: float = 0.9
-) -> optax.GradientTransformation:
-  """chain(add_decayed_weights(wd), sgd(schedule, momentum)) = PyTorch SGD with weight decay.
+def make_optimizer(weight_decay: float, momentum: float = 0.9) -> optax.GradientTransformation:
+  """chain(add_decayed_weights(wd), trace(momentum)): PyTorch SGD's update *direction*.
 
-  Applied to the `train` partition only; weight decay hits every trainable leaf (biases, β,
-  σ, proxy head included), as PyTorch SGD does (SPEC 2.2).
+  The step multiplies the result by −lr(step), with lr from `epoch_cosine_schedule` evaluated on
+  the host and passed in as a traced scalar; together this is exactly
+  `chain(add_decayed_weights(wd), sgd(schedule, momentum))` (tested), but a task's schedule does
+  not have to be baked into the compiled step. Applied to the `train` partition only; weight
+  decay hits every trainable leaf (biases, β, σ, proxy head included), as PyTorch SGD does.
   """
-  return optax.chain(
-    optax.add_decayed_weights(weight_decay), optax.sgd(schedule, momentum=momentum)
-  )
+  return optax.chain(optax.add_decayed_weights(weight_decay), optax.trace(decay=momentum))
 
 
 def count_params(tree: Any) -> int:

@@ -131,15 +131,18 @@ def loss_fn(
 def make_train_step(
   model: NTKCL, weights: losses.LossWeights, tx: optax.GradientTransformation, batch_size: int
 ) -> Callable[..., tuple[TrainState, dict[str, jax.Array]]]:
-  """(state, frozen, aux, batch, key) → (new state, terms). Pure; jit it with shardings."""
+  """(state, frozen, aux, batch, key, lr) → (new state, terms). Pure; jit it with shardings.
 
-  def train_step(state: TrainState, frozen, aux, batch, key):
+  `tx` gives the update direction (`optim.make_optimizer`); the step applies −lr times it.
+  """
+
+  def train_step(state: TrainState, frozen, aux, batch, key, lr):
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     (_, terms), grads = grad_fn(
       state.params, frozen, aux, batch, key, model=model, weights=weights, batch_size=batch_size
     )
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    params = jax.tree_util.tree_map(lambda p, u: p - lr * u, state.params, updates)
     terms["grad_norm"] = optax.global_norm(grads)
     return TrainState(params=params, opt_state=opt_state, step=state.step + 1), terms
 

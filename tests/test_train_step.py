@@ -8,7 +8,7 @@ import pytest
 
 from ntkcl_jax import losses
 from ntkcl_jax.models.ntkcl import NTKCL, init_params
-from ntkcl_jax.optim import epoch_cosine_schedule, make_optimizer, merge, path_labels
+from ntkcl_jax.optim import make_optimizer, merge, path_labels
 from ntkcl_jax.train_step import (
   TaskInfo,
   TrainState,
@@ -111,10 +111,10 @@ def test_corrected_mode_gradients_reach_gamma_then_mix_kernel():
   assert float(jnp.abs(g["peft/current/prompt_0/mix/kernel"]).max()) == 0.0  # γ = 0 blocks it
   assert all(float(jnp.abs(v).max()) == 0.0 for k, v in g.items() if f"/prompt_{last}/" in k)
   # One SGD step makes γ non-zero; then the mix kernel receives gradient.
-  tx = make_optimizer(epoch_cosine_schedule(0.5, 1, 1), 5e-4)
+  tx = make_optimizer(5e-4)
   state = TrainState(params=trainable, opt_state=tx.init(trainable), step=jnp.int32(0))
   step = jax.jit(make_train_step(NTKCL(spec), losses.LossWeights(), tx, BATCH))
-  state, terms = step(state, frozen, aux, batch, jax.random.key(7))
+  state, terms = step(state, frozen, aux, batch, jax.random.key(7), 0.5)
   assert np.isfinite(float(terms["total"]))
   g = _grads(spec, state.params, frozen, aux, batch)
   assert float(jnp.abs(g["peft/current/prompt_0/mix/kernel"]).max()) > 0.0
@@ -122,10 +122,10 @@ def test_corrected_mode_gradients_reach_gamma_then_mix_kernel():
 
 def test_train_step_updates_only_trainables_and_keeps_frozen_bitwise():
   spec, params, trainable, frozen, aux, batch = _setup(False)
-  tx = make_optimizer(epoch_cosine_schedule(0.1, 2, 1), 5e-4)
+  tx = make_optimizer(5e-4)
   state = TrainState(params=trainable, opt_state=tx.init(trainable), step=jnp.int32(0))
   step = jax.jit(make_train_step(NTKCL(spec), losses.LossWeights(), tx, BATCH))
-  new, terms = step(state, frozen, aux, batch, jax.random.key(7))
+  new, terms = step(state, frozen, aux, batch, jax.random.key(7), 0.1)
   assert set(terms) >= {"ce_c", "ce_p", "ce_m", "mi", "orth", "reg", "total", "grad_norm"}
   merged = tu.flatten_dict(merge(new.params, frozen), sep="/")
   before = tu.flatten_dict(params, sep="/")

@@ -835,3 +835,43 @@ def manifest_hash(entries: Iterable[tuple[str, int]]) -> str:
 def source_manifest_hash(source: Source) -> str:
   """`manifest_hash` of ``zip(source.example_keys(), source.labels)``."""
   return manifest_hash(zip(source.example_keys(), source.labels.tolist()))
+
+
+class SubsetSource:
+  """A view of `base` restricted to `indices` (in that order); same classes and ids."""
+
+  def __init__(self, base: Source, indices: np.ndarray):
+    self.base = base
+    self.indices = np.asarray(indices, dtype=np.int64)
+    self.labels = np.asarray(base.labels)[self.indices]
+    self.class_names = list(base.class_names)
+
+  @property
+  def num_classes(self) -> int:
+    return self.base.num_classes
+
+  @property
+  def image_shape(self) -> tuple[int, int, int] | None:
+    return getattr(self.base, "image_shape", None)
+
+  def __len__(self) -> int:
+    return int(self.indices.size)
+
+  def image(self, i: int) -> np.ndarray:
+    return self.base.image(int(self.indices[int(i)]))
+
+  def images(self, idx: Sequence[int] | np.ndarray):
+    return self.base.images(self.indices[np.asarray(idx, dtype=np.int64)])
+
+  def example_keys(self) -> list[str]:
+    keys = self.base.example_keys()
+    return [keys[i] for i in self.indices]
+
+
+def cap_per_class(source: Source, n: int) -> Source:
+  """The first `n` examples of every class (index order); `source` itself when n < 0."""
+  if n < 0:
+    return source
+  labels = np.asarray(source.labels)
+  keep = np.concatenate([np.flatnonzero(labels == c)[:n] for c in range(source.num_classes)])
+  return SubsetSource(source, np.sort(keep))

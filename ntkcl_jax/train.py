@@ -1,0 +1,474 @@
+"""The one trainer: class-incremental NTK-CL over a task stream (SPEC 2.4), and its baselines.
+
+Reads top to bottom: config and workdir → data → mesh → model and optimiser → resume → tasks
+(train, EMA, prototypes, evaluate, snapshot, checkpoint, hooks) → summary. Baselines are config
+switches (`method`, loss weights, `model.name`, `train.use_ema`), not forks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import pathlib
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from ntkcl_jax import config as config_lib
+from ntkcl_jax import losses, metrics, sharding
+from ntkcl_jax.checkpoint import RunCheckpoints
+from ntkcl_jax.data import TaskStream, cap_per_class, class_order, make_source
+from ntkcl_jax.ema import ema_update
+from ntkcl_jax.evaluate import batched_apply, class_means, drift_compensation, evaluate_stage
+from ntkcl_jax.hooks import TaskHook, TaskView
+from ntkcl_jax.models.heads import section_weighted_logits
+from ntkcl_jax.models.ntkcl import NTKCL, init_params
+from ntkcl_jax.models.vit import VisionTransformer, load_augreg
+from ntkcl_jax.optim import epoch_cosine_schedule, make_optimizer
+from ntkcl_jax.train_step import (
+  TaskInfo,
+  TrainState,
+  init_proxy_head,
+  make_feature_fn,
+  make_train_step,
+  reg_targets,
+  split_trainable,
+)
+
+log = logging.getLogger("ntkcl_jax")
+
+
+class NonFiniteLossError(RuntimeError):
+  """A loss term became NaN/Inf; the last good checkpoint is kept."""
+
+
+class WorkdirMismatchError(ValueError):
+  """The workdir holds a run started with a different config."""
+
+
+# ------------------------------------------------------------------------------------------------
+# Data.
+
+
+def build_stream(config: ml_collections.ConfigDict) -> TaskStream:
+  """Sources, class order (SPEC 2.7) and transforms for `config.data`."""
+  d = config.data
+  data_dir = d.data_dir or None
+  train = cap_per_class(make_source(d.name, "train", data_dir), d.max_train_per_class)
+  test = cap_per_class(make_source(d.name, "test", data_dir), d.max_test_per_class)
+  if train.num_classes != d.num_classes:
+    raise ValueError(
+      f"data.num_classes={d.num_classes} but dataset '{d.name}' has {train.num_classes} classes."
+    )
+  return TaskStream(
+    train,
+    test,
+    order=class_order(config.seed, d.num_classes),
+    init_cls=d.init_cls,
+    increment=d.increment,
+    image_size=config.backbone.image_size,
+    resize_size=d.resize_size,
+    crop_scale=(d.crop_scale_min, 1.0),
+    value_range=d.value_range,
+  )
+
+
+# ------------------------------------------------------------------------------------------------
+# Workdir bookkeeping.
+
+
+def _write_json(path: pathlib.Path, obj: Any) -> None:
+  """Atomic write: a killed run never leaves a truncated JSON file."""
+  tmp = path.with_name(path.name + ".tmp")
+  tmp.write_text(json.dumps(metrics._plain(obj), indent=1, allow_nan=False))
+  os.replace(tmp, path)
+
+
+def check_workdir_config(workdir: pathlib.Path, config: ml_collections.ConfigDict, write: bool):
+  """Writes `config.json` on first use; refuses a workdir created with a different config."""
+  path = workdir / "config.json"
+  flat = config_lib.flat_config(config)
+  if path.exists():
+    previous = json.loads(path.read_text())
+    diff = config_lib.config_diff(previous, flat)
+    if diff:
+      shown = ", ".join(f"{k}: {previous.get(k)!r} -> {flat.get(k)!r}" for k in diff[:8])
+      raise WorkdirMismatchError(
+        f"Workdir {workdir} holds a run with a different config ({len(diff)} keys differ: "
+        f"{shown}). Use a new --workdir, or rerun with the original config to resume."
+      )
+  elif write:
+    workdir.mkdir(parents=True, exist_ok=True)
+    _write_json(path, flat)
+
+
+class _Progress:
+  """A progress bar on an interactive terminal, plain log lines otherwise."""
+
+  def __init__(self, enabled: bool, every: int):
+    self.enabled, self.every, self.bar = enabled, max(every, 1), None
+    self.interactive = enabled and sys.stderr.isatty()
+
+  def start(self, t: int, total: int, done: int):
+    if self.interactive:
+      from tqdm import tqdm
+
+      self.bar = tqdm(total=total, initial=done, desc=f"task {t}", leave=False)
+
+  def update(self, t: int, step: int, total: int, terms: dict[str, float]):
+    if self.bar is not None:
+      self.bar.update(1)
+      self.bar.set_postfix(loss=f"{terms['total']:.4f}")
+    elif self.enabled and (step % self.every == 0 or step == total):
+      log.info("task %d step %d/%d loss %.4f", t, step, total, terms["total"])
+
+  def close(self):
+    if self.bar is not None:
+      self.bar.close()
+      self.bar = None
+
+
+# ------------------------------------------------------------------------------------------------
+# The run.
+
+
+@dataclasses.dataclass
+class _Run:
+  """Mutable bookkeeping of a run, saved in each checkpoint's JSON meta."""
+
+  task: int = 0
+  epoch: int = 0
+  step_in_epoch: int = 0
+  in_task: bool = False  # True once the task's proxy head / optimiser state exist
+  save_number: int = 0
+  total_steps: int = 0
+  wall_time_s: float = 0.0
+  metrics_offset: int = 0
+  stages: list = dataclasses.field(default_factory=list)
+
+
+def _check_finite(terms: dict[str, float], quirks: config_lib.Quirks, where: str) -> None:
+  ce_or_total = [k for k in terms if k.startswith("ce_") or k == "total"]
+  aux = [k for k in ("mi", "orth", "reg") if k in terms]
+  check = ce_or_total + (aux if quirks.nonfinite_aux == "mask_or_raise" else [])
+  bad = [k for k in check if not np.isfinite(terms[k])]
+  if bad:
+    raise NonFiniteLossError(
+      f"Non-finite loss term(s) {bad} at {where}. The run stopped; the last good checkpoint is "
+      "kept in the workdir. Lower train.lr or inspect the data, then rerun to resume."
+    )
+
+
+def run(
+  config: ml_collections.ConfigDict,
+  workdir: str | os.PathLike,
+  hooks: Sequence[TaskHook] = (),
+) -> dict[str, Any]:
+  """Trains and evaluates one seed of `config` in `workdir`, resuming from its checkpoint.
+
+  Writes `metrics.jsonl` (train/eval/final lines), checkpoints, and `summary.json`; returns the
+  summary. Only process 0 writes files.
+  """
+  t_start = time.time()
+  quirks = config_lib.validate(config)
+  workdir = pathlib.Path(workdir)
+  is_writer = jax.process_index() == 0
+  check_workdir_config(workdir, config, is_writer)
+
+  # -- data -------------------------------------------------------------------------------------
+  stream = build_stream(config)
+  num_tasks = (
+    stream.num_tasks
+    if config.train.max_tasks < 0
+    else min(config.train.max_tasks, stream.num_tasks)
+  )
+  splits = stream.splits[:num_tasks]
+  num_classes = splits[-1][0] + splits[-1][1]
+  head_width = max(s for _, s in splits)
+  batch_size, eval_batch = config.train.batch_size, config.eval.batch_size
+
+  # -- mesh -------------------------------------------------------------------------------------
+  mesh = sharding.make_mesh()
+  sharding.check_batch_size(batch_size, "train.batch_size")
+  sharding.check_batch_size(eval_batch, "eval.batch_size")
+
+  # -- model and optimiser ------------------------------------------------------------------------
+  spec = config_lib.model_spec(config, quirks)
+  model = NTKCL(spec)
+  weights = config_lib.loss_weights(config, quirks)
+  root_key = jax.random.key(config.seed)
+  backbone = None
+  if config.backbone.checkpoint_path:
+    backbone = load_augreg(config.backbone.checkpoint_path, spec.vit)
+  else:
+    log.warning("backbone.checkpoint_path is empty: using a randomly initialised backbone.")
+  params = init_params(spec, jax.random.fold_in(root_key, 10_000), backbone)
+  frozen_backbone = params["backbone"]
+  params["proxy_head"] = init_proxy_head(
+    jax.random.fold_in(root_key, 10_001), spec.feature_dim, head_width
+  )
+  trainable, frozen = split_trainable(params)
+  tx = make_optimizer(config.train.weight_decay, config.train.momentum)
+  simplecil = config.method == "simplecil"
+  proto_dim = spec.vit.width if simplecil else spec.feature_dim
+  state = {
+    "train": TrainState(params=trainable, opt_state=tx.init(trainable), step=jnp.int32(0)),
+    "ema": frozen["peft"]["ema"],
+    "prototypes": jnp.zeros((num_classes, proto_dim), jnp.float32),
+    "reg_snapshot": reg_targets(trainable),
+  }
+  if config.method not in ("ntkcl", "simplecil"):
+    raise NotImplementedError(
+      f"method={config.method!r} is not available in this build; use 'ntkcl' or 'simplecil' "
+      "(ablations are switches: model.name, loss.lambda_*, train.use_ema)."
+    )
+
+  # -- resume -----------------------------------------------------------------------------------
+  ckpts = RunCheckpoints(workdir) if is_writer or jax.process_count() > 1 else None
+  progress = _Run()
+  repl = sharding.replicated(mesh)
+  latest = ckpts.latest() if ckpts else None
+  if latest is not None:
+    abstract = jax.tree_util.tree_map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=repl), state
+    )
+    state, meta = ckpts.restore(latest, abstract)
+    progress = _Run(**meta["progress"])
+    log.info(
+      "Resuming from checkpoint %d: task %d epoch %d step %d",
+      latest,
+      progress.task,
+      progress.epoch,
+      progress.step_in_epoch,
+    )
+  else:
+    state = sharding.put_replicated(state, mesh)
+  metrics_path = workdir / "metrics.jsonl"
+  if is_writer and metrics_path.exists():
+    with open(metrics_path, "r+b") as f:  # drop lines written after the checkpoint we resume from
+      f.truncate(progress.metrics_offset)
+  writer = metrics.MetricWriter(metrics_path, enabled=is_writer)
+  elapsed_before = progress.wall_time_s
+
+  def save(finalize: bool = False):
+    progress.save_number += 1
+    progress.wall_time_s = elapsed_before + time.time() - t_start
+    progress.metrics_offset = metrics_path.stat().st_size if metrics_path.exists() else 0
+    meta = {
+      "progress": dataclasses.asdict(progress),
+      "config_hash": config_lib.config_hash(config),
+      "class_order": stream.order.tolist(),
+      "quirks": dataclasses.asdict(quirks),
+    }
+    if ckpts:
+      ckpts.save(progress.save_number, state, meta)
+      if finalize:
+        ckpts.wait()
+
+  # -- compiled functions (one compilation serves every task) --------------------------------------
+  train_step = jax.jit(make_train_step(model, weights, tx, batch_size), donate_argnums=(0,))
+  weights_eval = config_lib.section_weights(config)
+  if simplecil:
+    vit = VisionTransformer(spec.vit, dtype=spec.dtype)
+    features = jax.jit(lambda p, x: vit.apply({"params": p["backbone"]}, x))
+    weights_eval = (1.0,)
+  else:
+    features = jax.jit(make_feature_fn(model))
+
+  @jax.jit
+  def predict(params, prototypes, num_seen, images):
+    logits = section_weighted_logits(features(params, images), prototypes, weights_eval)
+    logits = jnp.where(jnp.arange(prototypes.shape[0]) < num_seen, logits, -jnp.inf)
+    return jnp.argmax(logits, -1), jax.lax.top_k(logits, min(5, prototypes.shape[0]))[1]
+
+  def eval_params(st, ema=None):
+    return {
+      "backbone": frozen_backbone,
+      "peft": {
+        "current": st["train"].params["peft"]["current"],
+        "ema": st["ema"] if ema is None else ema,
+      },
+      "fusion": st["train"].params["fusion"],
+    }
+
+  def view(t: int) -> TaskView:
+    R = _accuracy_matrix(progress.stages, num_tasks)
+    return TaskView(
+      task=t,
+      num_tasks=num_tasks,
+      params=eval_params(state),
+      prototypes=np.asarray(sharding.to_host(state["prototypes"])),
+      num_seen=(splits[t][0] + splits[t][1]) if t >= 0 else 0,
+      spec=spec,
+      stream=stream,
+      workdir=workdir,
+      accuracy_matrix=R,
+      is_writer=is_writer,
+      features=features,
+    )
+
+  if progress.task == 0 and not progress.in_task and latest is None:
+    for hook in hooks:
+      hook.on_init(view(-1))
+
+  # -- tasks ------------------------------------------------------------------------------------
+  bar = _Progress(is_writer, config.train.log_every_steps)
+  epochs = 0 if simplecil else config.train.epochs
+  for t in range(progress.task, num_tasks):
+    k_t, s_t = splits[t]
+    task_key = jax.random.fold_in(root_key, t)
+    steps = stream.steps_per_epoch(t, batch_size)
+    lr_at = epoch_cosine_schedule(config.train.lr, max(epochs, 1), steps)
+    if not progress.in_task:  # fresh proxy head and optimiser state (SPEC 2.4 step 1)
+      head = init_proxy_head(jax.random.fold_in(task_key, 0), spec.feature_dim, head_width)
+      params_t = {**state["train"].params, "proxy_head": head}
+      state["train"] = sharding.put_replicated(
+        TrainState(params=params_t, opt_state=tx.init(params_t), step=jnp.int32(0)), mesh
+      )
+      progress.in_task, progress.epoch, progress.step_in_epoch = True, 0, 0
+    n_old = losses.mi_old_rows(
+      k_t + s_t, k_t, config.data.increment, known_only=quirks.mi_old_rows == "known_only"
+    )
+    protos_host = np.asarray(sharding.to_host(state["prototypes"]))
+    if quirks.orth_loss == "signed_residual_sum":
+      basis = losses.orthogonality_basis(protos_host[: k_t + s_t], config.loss.svd_k)
+    else:
+      basis = losses.old_subspace_basis(protos_host[: k_t + s_t], k_t, config.loss.svd_k)
+    aux = sharding.put_replicated(
+      {"task": TaskInfo.make(k_t, s_t, n_old, t > 0 or quirks.reg_at_task0), "orth_basis": basis},
+      mesh,
+    )
+    aux = {**aux, "prototypes": state["prototypes"], "reg_snapshot": state["reg_snapshot"]}
+    frozen_t = {"backbone": frozen_backbone, "peft": {"ema": state["ema"]}}
+
+    bar.start(t, epochs * steps, progress.epoch * steps + progress.step_in_epoch)
+    for epoch in range(progress.epoch, epochs):
+      batches = stream.train_batches(
+        t,
+        epoch,
+        batch_size,
+        seed=config.seed,
+        start_step=progress.step_in_epoch,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+      )
+      for i, batch in enumerate(batches, start=progress.step_in_epoch):
+        step_in_task = epoch * steps + i
+        lr = float(lr_at(step_in_task))
+        batch = sharding.put_batch({k: batch[k] for k in ("image", "label", "mask")}, mesh)
+        state["train"], terms = train_step(
+          state["train"], frozen_t, aux, batch, jax.random.fold_in(task_key, step_in_task + 1), lr
+        )
+        terms = {k: float(v) for k, v in jax.device_get(terms).items()}
+        _check_finite(terms, quirks, f"task {t}, epoch {epoch}, step {i}")
+        progress.step_in_epoch, progress.total_steps = i + 1, progress.total_steps + 1
+        bar.update(t, step_in_task + 1, epochs * steps, terms)
+        if (i + 1) % config.train.log_every_steps == 0 or i + 1 == steps:
+          writer.write(
+            {
+              "kind": "train",
+              "task": t,
+              "epoch": epoch,
+              "step": step_in_task + 1,
+              "lr": lr,
+              **terms,
+            }
+          )
+        every = config.train.checkpoint_every_steps
+        if every > 0 and progress.total_steps % every == 0 and i + 1 < steps:
+          save()
+      progress.epoch, progress.step_in_epoch = epoch + 1, 0
+    bar.close()
+
+    # -- end of task: EMA, prototypes, evaluation, snapshot (SPEC 2.4 steps 3-6) ---------------
+    ema_before = state["ema"]
+    if not simplecil and config.train.use_ema and (t < num_tasks - 1 or quirks.ema_after_last_task):
+      state["ema"] = jax.jit(ema_update, static_argnums=2)(
+        state["ema"], state["train"].params["peft"]["current"], t
+      )
+    params_eval = eval_params(state)
+    new_feats, new_labels = batched_apply(
+      lambda x: features(params_eval, x), stream, stream.train_indices(t), "train", eval_batch, mesh
+    )
+    protos = np.asarray(sharding.to_host(state["prototypes"])).copy()
+    protos[k_t : k_t + s_t] = class_means(new_feats, new_labels, range(k_t, k_t + s_t))
+    if t > 0 and not simplecil and quirks.prototype_refresh == "drift_compensation":
+      old_params = {
+        "backbone": frozen_backbone,
+        "peft": {"current": state["reg_snapshot"]["peft"], "ema": ema_before},
+        "fusion": state["reg_snapshot"]["fusion"],
+      }
+      old_feats, _ = batched_apply(
+        lambda x: features(old_params, x),
+        stream,
+        stream.train_indices(t),
+        "train",
+        eval_batch,
+        mesh,
+      )
+      protos[:k_t] = drift_compensation(protos[:k_t], old_feats, new_feats)
+    elif t > 0 and not simplecil and quirks.prototype_refresh == "oracle":
+      seen = np.concatenate([stream.train_indices(s) for s in range(t)])
+      old_feats, old_labels = batched_apply(
+        lambda x: features(params_eval, x), stream, seen, "train", eval_batch, mesh
+      )
+      protos[:k_t] = class_means(old_feats, old_labels, range(k_t))
+    state["prototypes"] = sharding.put_replicated(protos, mesh)
+    stage = evaluate_stage(
+      lambda x: predict(params_eval, state["prototypes"], k_t + s_t, x),
+      stream,
+      t,
+      eval_batch,
+      mesh,
+      top5=config.data.num_classes > 10,
+    )
+    progress.stages.append(stage)
+    writer.write({"kind": "eval", "task": t, "step": progress.total_steps, **stage})
+    log.info("task %d: A_t %.2f, row %s", t, stage["A"], np.round(stage["R_row"], 2).tolist())
+    state["reg_snapshot"] = reg_targets(state["train"].params)
+    progress.task, progress.in_task = t + 1, False
+    save(finalize=True)
+    for hook in hooks:
+      hook.on_task_end(view(t))
+
+  # -- summary ----------------------------------------------------------------------------------
+  R = _accuracy_matrix(progress.stages, num_tasks)
+  A = [s["A"] for s in progress.stages]
+  final = metrics.final_metrics(R, A)
+  wall = elapsed_before + time.time() - t_start
+  writer.write({"kind": "final", **final})
+  summary = {
+    "accuracy_matrix": final["R"],
+    **{k: final[k] for k in ("avg_acc", "last_acc", "forgetting", "bwt")},
+    "stages": progress.stages,
+    "method": config.method,
+    "quirks": dataclasses.asdict(quirks),
+    "config": config_lib.flat_config(config),
+    "num_devices": jax.device_count(),
+    "num_processes": jax.process_count(),
+    "wall_time_s": wall,
+  }
+  for hook in hooks:
+    summary.update(hook.summary())
+  if is_writer:
+    _write_json(workdir / "summary.json", summary)
+  writer.close()
+  if ckpts:
+    ckpts.close()
+  return summary
+
+
+def _accuracy_matrix(stages: list[dict[str, Any]], num_tasks: int) -> np.ndarray:
+  """R (T, T) from the stage rows so far; NaN above the diagonal and for stages not yet run."""
+  R = np.full((num_tasks, num_tasks), np.nan)
+  for t, s in enumerate(stages):
+    R[t, : t + 1] = s["R_row"]
+  return R
