@@ -8,6 +8,7 @@ switches (`method`, loss weights, `model.name`, `train.use_ema`), not forks.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -24,6 +25,12 @@ import numpy as np
 
 from ntkcl_jax import config as config_lib
 from ntkcl_jax import losses, metrics, sharding
+from ntkcl_jax.baselines import (
+  LINEAR_METHODS,
+  init_linear_head,
+  make_linear_predict,
+  make_linear_train_step,
+)
 from ntkcl_jax.checkpoint import RunCheckpoints
 from ntkcl_jax.data import TaskStream, cap_per_class, class_order, make_source
 from ntkcl_jax.ema import ema_update
@@ -72,7 +79,7 @@ def build_stream(config: ml_collections.ConfigDict) -> TaskStream:
     train,
     test,
     order=class_order(config.seed, d.num_classes),
-    init_cls=d.init_cls,
+    init_cls=d.num_classes if config.method == "joint" else d.init_cls,
     increment=d.increment,
     image_size=config.backbone.image_size,
     resize_size=d.resize_size,
@@ -201,7 +208,10 @@ def run(
   sharding.check_batch_size(eval_batch, "eval.batch_size")
 
   # -- model and optimiser ------------------------------------------------------------------------
+  linear = config.method in LINEAR_METHODS
   spec = config_lib.model_spec(config, quirks)
+  if linear:  # adapters + linear head on the current channel pass
+    spec = dataclasses.replace(spec, model_name="channel")
   model = NTKCL(spec)
   weights = config_lib.loss_weights(config, quirks)
   root_key = jax.random.key(config.seed)
@@ -212,12 +222,15 @@ def run(
     log.warning("backbone.checkpoint_path is empty: using a randomly initialised backbone.")
   params = init_params(spec, jax.random.fold_in(root_key, 10_000), backbone)
   frozen_backbone = params["backbone"]
-  params["proxy_head"] = init_proxy_head(
-    jax.random.fold_in(root_key, 10_001), spec.feature_dim, head_width
-  )
+  head_key = jax.random.fold_in(root_key, 10_001)
+  if linear:
+    params["proxy_head"] = init_linear_head(head_key, spec.vit.width, num_classes)
+  else:
+    params["proxy_head"] = init_proxy_head(head_key, spec.feature_dim, head_width)
   trainable, frozen = split_trainable(params)
   tx = make_optimizer(config.train.weight_decay, config.train.momentum)
   simplecil = config.method == "simplecil"
+  ntkcl = config.method == "ntkcl"
   proto_dim = spec.vit.width if simplecil else spec.feature_dim
   state = {
     "train": TrainState(params=trainable, opt_state=tx.init(trainable), step=jnp.int32(0)),
@@ -225,11 +238,6 @@ def run(
     "prototypes": jnp.zeros((num_classes, proto_dim), jnp.float32),
     "reg_snapshot": reg_targets(trainable),
   }
-  if config.method not in ("ntkcl", "simplecil"):
-    raise NotImplementedError(
-      f"method={config.method!r} is not available in this build; use 'ntkcl' or 'simplecil' "
-      "(ablations are switches: model.name, loss.lambda_*, train.use_ema)."
-    )
 
   # -- resume -----------------------------------------------------------------------------------
   ckpts = RunCheckpoints(workdir) if is_writer or jax.process_count() > 1 else None
@@ -274,7 +282,11 @@ def run(
         ckpts.wait()
 
   # -- compiled functions (one compilation serves every task) --------------------------------------
-  train_step = jax.jit(make_train_step(model, weights, tx, batch_size), donate_argnums=(0,))
+  step_fn = (
+    make_linear_train_step(model, tx) if linear else make_train_step(model, weights, tx, batch_size)
+  )
+  train_step = jax.jit(step_fn, donate_argnums=(0,))
+  linear_predict = jax.jit(make_linear_predict(model))
   weights_eval = config_lib.section_weights(config)
   if simplecil:
     vit = VisionTransformer(spec.vit, dtype=spec.dtype)
@@ -319,6 +331,36 @@ def run(
     for hook in hooks:
       hook.on_init(view(-1))
 
+  def new_prototypes(t: int, params_eval, ema_before) -> np.ndarray:
+    """Prototypes after task t: new-class means, then the Q6 refresh of old rows."""
+    k_t, s_t = splits[t]
+    apply = lambda p: lambda x: features(p, x)  # noqa: E731
+    new_feats, new_labels = batched_apply(
+      apply(params_eval), stream, stream.train_indices(t), "train", eval_batch, mesh
+    )
+    protos = np.asarray(sharding.to_host(state["prototypes"])).copy()
+    protos[k_t : k_t + s_t] = class_means(new_feats, new_labels, range(k_t, k_t + s_t))
+    if t == 0 or not ntkcl or quirks.prototype_refresh == "never":
+      return protos
+    if quirks.prototype_refresh == "drift_compensation":
+      snap = state["reg_snapshot"]
+      old_params = {
+        "backbone": frozen_backbone,
+        "peft": {"current": snap["peft"], "ema": ema_before},
+        "fusion": snap["fusion"],
+      }
+      old_feats, _ = batched_apply(
+        apply(old_params), stream, stream.train_indices(t), "train", eval_batch, mesh
+      )
+      protos[:k_t] = drift_compensation(protos[:k_t], old_feats, new_feats)
+    else:  # "oracle": recompute from all seen training data (analysis-only upper bound)
+      seen = np.concatenate([stream.train_indices(s) for s in range(t)])
+      old_feats, old_labels = batched_apply(
+        apply(params_eval), stream, seen, "train", eval_batch, mesh
+      )
+      protos[:k_t] = class_means(old_feats, old_labels, range(k_t))
+    return protos
+
   # -- tasks ------------------------------------------------------------------------------------
   bar = _Progress(is_writer, config.train.log_every_steps)
   epochs = 0 if simplecil else config.train.epochs
@@ -328,8 +370,11 @@ def run(
     steps = stream.steps_per_epoch(t, batch_size)
     lr_at = epoch_cosine_schedule(config.train.lr, max(epochs, 1), steps)
     if not progress.in_task:  # fresh proxy head and optimiser state (SPEC 2.4 step 1)
-      head = init_proxy_head(jax.random.fold_in(task_key, 0), spec.feature_dim, head_width)
-      params_t = {**state["train"].params, "proxy_head": head}
+      params_t = dict(state["train"].params)
+      if not linear:  # the baselines' linear head persists across tasks
+        params_t["proxy_head"] = init_proxy_head(
+          jax.random.fold_in(task_key, 0), spec.feature_dim, head_width
+        )
       state["train"] = sharding.put_replicated(
         TrainState(params=params_t, opt_state=tx.init(params_t), step=jnp.int32(0)), mesh
       )
@@ -390,45 +435,22 @@ def run(
 
     # -- end of task: EMA, prototypes, evaluation, snapshot (SPEC 2.4 steps 3-6) ---------------
     ema_before = state["ema"]
-    if not simplecil and config.train.use_ema and (t < num_tasks - 1 or quirks.ema_after_last_task):
+    last = t == num_tasks - 1
+    if ntkcl and config.train.use_ema and (not last or quirks.ema_after_last_task):
       state["ema"] = jax.jit(ema_update, static_argnums=2)(
         state["ema"], state["train"].params["peft"]["current"], t
       )
     params_eval = eval_params(state)
-    new_feats, new_labels = batched_apply(
-      lambda x: features(params_eval, x), stream, stream.train_indices(t), "train", eval_batch, mesh
-    )
-    protos = np.asarray(sharding.to_host(state["prototypes"])).copy()
-    protos[k_t : k_t + s_t] = class_means(new_feats, new_labels, range(k_t, k_t + s_t))
-    if t > 0 and not simplecil and quirks.prototype_refresh == "drift_compensation":
-      old_params = {
-        "backbone": frozen_backbone,
-        "peft": {"current": state["reg_snapshot"]["peft"], "ema": ema_before},
-        "fusion": state["reg_snapshot"]["fusion"],
-      }
-      old_feats, _ = batched_apply(
-        lambda x: features(old_params, x),
-        stream,
-        stream.train_indices(t),
-        "train",
-        eval_batch,
-        mesh,
+    if linear:
+      with_head = {**params_eval, "proxy_head": state["train"].params["proxy_head"]}
+      predict_t = functools.partial(linear_predict, with_head, k_t + s_t)
+    else:
+      state["prototypes"] = sharding.put_replicated(
+        new_prototypes(t, params_eval, ema_before), mesh
       )
-      protos[:k_t] = drift_compensation(protos[:k_t], old_feats, new_feats)
-    elif t > 0 and not simplecil and quirks.prototype_refresh == "oracle":
-      seen = np.concatenate([stream.train_indices(s) for s in range(t)])
-      old_feats, old_labels = batched_apply(
-        lambda x: features(params_eval, x), stream, seen, "train", eval_batch, mesh
-      )
-      protos[:k_t] = class_means(old_feats, old_labels, range(k_t))
-    state["prototypes"] = sharding.put_replicated(protos, mesh)
+      predict_t = functools.partial(predict, params_eval, state["prototypes"], k_t + s_t)
     stage = evaluate_stage(
-      lambda x: predict(params_eval, state["prototypes"], k_t + s_t, x),
-      stream,
-      t,
-      eval_batch,
-      mesh,
-      top5=config.data.num_classes > 10,
+      predict_t, stream, t, eval_batch, mesh, top5=config.data.num_classes > 10
     )
     progress.stages.append(stage)
     writer.write({"kind": "eval", "task": t, "step": progress.total_steps, **stage})

@@ -1,0 +1,113 @@
+"""Runs configs x seeds in the same harness and tabulates mean ± std (ddof 0) of Ā and A_T.
+
+Command (the README's demo table):
+  python experiments/compare.py --config experiments/configs/demo.py --seeds 0,1,2 \
+    --out workdirs/compare_demo
+Each run is `python -m ntkcl_jax.main` in `<out>/<variant>/seed<k>` (a finished run is reused, an
+interrupted one resumes), then `<out>/results.md`, `<out>/results.csv` and `<out>/results.png`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+
+# name -> config overrides (each a `--config.key=value`); baselines and ablations are switches.
+VARIANTS = {
+  "ntkcl_reference": [],
+  "ntkcl_corrected": ["--config.mode=corrected"],
+  "simplecil": ["--config.method=simplecil"],
+  "seq_finetune": ["--config.method=seq_finetune"],
+  "joint": ["--config.method=joint"],
+  "no_ema": ["--config.train.use_ema=False"],
+  "no_orth": ["--config.loss.lambda_orth=0.0"],
+  "no_mi": ["--config.loss.lambda_mi=0.0"],
+  "no_reg": ["--config.loss.lambda_reg=0.0"],
+  "channel_only": ["--config.model.name=channel"],
+  "patch_only": ["--config.model.name=patch"],
+}
+
+
+def run_one(config: str, variant: str, seed: int, out: pathlib.Path, extra: list[str]) -> dict:
+  workdir = out / variant / f"seed{seed}"
+  summary = workdir / "summary.json"
+  if not summary.exists():
+    cmd = [sys.executable, "-m", "ntkcl_jax.main", f"--config={config}", f"--workdir={workdir}"]
+    cmd += [f"--config.seed={seed}", *VARIANTS[variant], *extra]
+    print("+", " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True)
+  return json.loads(summary.read_text())
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--config", required=True)
+  parser.add_argument("--seeds", default="0,1,2")
+  parser.add_argument("--variants", default=",".join(VARIANTS))
+  parser.add_argument("--out", required=True, type=pathlib.Path)
+  parser.add_argument("--extra", default="", help="extra --config.x=y flags, space separated")
+  args = parser.parse_args()
+  seeds = [int(s) for s in args.seeds.split(",")]
+  variants = args.variants.split(",")
+  unknown = sorted(set(variants) - set(VARIANTS))
+  if unknown:
+    parser.error(f"unknown variants {unknown}; valid: {sorted(VARIANTS)}")
+  rows = []
+  for variant in variants:
+    runs = [run_one(args.config, variant, s, args.out, args.extra.split()) for s in seeds]
+    avg = np.array([r["avg_acc"] for r in runs])
+    last = np.array([r["last_acc"] for r in runs])
+    fgt = np.array([r["forgetting"] for r in runs])
+    rows.append((variant, avg.mean(), avg.std(), last.mean(), last.std(), fgt.mean(), fgt.std()))
+  args.out.mkdir(parents=True, exist_ok=True)
+  with open(args.out / "results.csv", "w", newline="") as f:
+    w = csv.writer(f)
+    w.writerow(
+      [
+        "variant",
+        "avg_acc_mean",
+        "avg_acc_std",
+        "last_acc_mean",
+        "last_acc_std",
+        "forgetting_mean",
+        "forgetting_std",
+      ]
+    )
+    w.writerows([(r[0], *(f"{v:.4f}" for v in r[1:])) for r in rows])
+  lines = [
+    f"Seeds {seeds}; mean ± std (ddof 0), %.",
+    "",
+    "| variant | Ā | A_T | forgetting |",
+    "|---|---|---|---|",
+  ]
+  lines += [
+    f"| {r[0]} | {r[1]:.2f} ± {r[2]:.2f} | {r[3]:.2f} ± {r[4]:.2f} | {r[5]:.2f} ± {r[6]:.2f} |"
+    for r in rows
+  ]
+  (args.out / "results.md").write_text("\n".join(lines) + "\n")
+  print("\n".join(lines))
+
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  fig, ax = plt.subplots(figsize=(max(5, 0.8 * len(rows)), 3.5))
+  x = np.arange(len(rows))
+  ax.bar(x - 0.2, [r[1] for r in rows], 0.4, yerr=[r[2] for r in rows], label="Ā")
+  ax.bar(x + 0.2, [r[3] for r in rows], 0.4, yerr=[r[4] for r in rows], label="A_T")
+  ax.set_xticks(x, [r[0] for r in rows], rotation=30, ha="right", fontsize=8)
+  ax.set_ylabel("accuracy (%)")
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(args.out / "results.png", dpi=100)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,15 @@
+"""ImageNet-R, 10 tasks x 20 classes; NTK-CL as released (SPEC 2.6).
+
+Command:
+  python -m ntkcl_jax.main --config experiments/configs/imagenet_r.py:backbone=in21k,weights_dir=<dir>,data_dir=<dir> --workdir <dir>
+(`backbone=in1k` for the ImageNet-1K fine-tuned AugReg file; `seed=0..4`; `mode=corrected`.)
+Data layout: `data_dir/{train,test}/<class>/*.jpg` (the reference's pre-split folders) or `train.csv`/`test.csv`/`classes.txt` manifests; TFDS `imagenet_r` is test-only, so its slices are a different benchmark.
+Target (SPEC 5, A-bar / A_T in %): IN-21K 82.77 +- 0.66 / 77.17 +- 0.19; IN-1K 83.18 +- 0.40 / 77.76 +- 0.25.
+Measured: not yet run with this port (needs the AugReg weights and the dataset; README table).
+"""
+
+from experiments.configs.common import benchmark_config
+
+
+def get_config(arg=None):
+  return benchmark_config("imagenet_r", arg)

@@ -1,0 +1,15 @@
+"""Oxford Pets, 7 tasks (7 + 6 x 5 classes), with the PTM pass; NTK-CL as released (SPEC 2.6).
+
+Command:
+  python -m ntkcl_jax.main --config experiments/configs/oxford_pets.py:backbone=in21k,weights_dir=<dir>,data_dir=<dir> --workdir <dir>
+(`backbone=in1k` for the ImageNet-1K fine-tuned AugReg file; `seed=0..4`; `mode=corrected`.)
+Data layout: `data_dir/{train,test}/<breed>/*.jpg` (ids = sorted folder names) or manifests.
+Target (SPEC 5, A-bar / A_T in %): IN-21K 96.69 +- 0.99 / 94.11 +- 0.09; IN-1K 96.62 +- 0.75 / 94.28 +- 0.09.
+Measured: not yet run with this port (needs the AugReg weights and the dataset; README table).
+"""
+
+from experiments.configs.common import benchmark_config
+
+
+def get_config(arg=None):
+  return benchmark_config("oxford_pets", arg)
