@@ -51,7 +51,11 @@ def main() -> None:
   parser.add_argument("--seeds", default="0,1,2")
   parser.add_argument("--variants", default=",".join(VARIANTS))
   parser.add_argument("--out", required=True, type=pathlib.Path)
-  parser.add_argument("--extra", default="", help="extra --config.x=y flags, space separated")
+  parser.add_argument(
+    "--extra",
+    default="--config.analysis.enabled=False",
+    help="extra --config.x=y flags, space separated (NTK diagnostics off by default)",
+  )
   args = parser.parse_args()
   seeds = [int(s) for s in args.seeds.split(",")]
   variants = args.variants.split(",")
