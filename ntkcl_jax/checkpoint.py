@@ -33,7 +33,9 @@ class RunCheckpoints:
       options=ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep, enable_async_checkpointing=async_save, create=True
       ),
-      item_names=("state", "meta"),
+      # Handlers, not just item names: a manager that has not saved in this process needs them
+      # to read `item_metadata` (else None, and every leaf looks missing on resume).
+      item_handlers={"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()},
     )
 
   def latest(self) -> int | None:

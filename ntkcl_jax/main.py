@@ -8,8 +8,10 @@ valid ones). On multi-host systems (TPU pod slices) every worker runs the same c
 
 from __future__ import annotations
 
+import difflib
 import logging
 import sys
+from typing import NoReturn
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -31,11 +33,57 @@ def _initialize_distributed() -> None:
   import jax
 
   if _COORDINATOR.value:
-    if jax.default_backend() == "cpu" or not jax.devices():
-      jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    # Cross-process collectives of the CPU client (ignored by GPU/TPU). Querying the backend here
+    # (jax.default_backend(), jax.devices()) would initialise it and make initialize() fail.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   elif _MULTIHOST.value:
     jax.distributed.initialize()
+
+
+def _fail(message: str) -> NoReturn:
+  print(f"error: {message}", file=sys.stderr)
+  sys.exit(2)
+
+
+def _unknown_config_keys(argv: list[str]) -> list[str]:
+  """The `--config.<key>` overrides in argv whose key is not in the config schema."""
+  from ntkcl_jax.config import base_config, flat_config
+
+  known = set(flat_config(base_config()))
+  keys = [a[len("--config.") :].partition("=")[0] for a in argv if a.startswith("--config.")]
+  return [k for k in keys if k not in known]
+
+
+def _valid_keys_text(key: str) -> str:
+  from ntkcl_jax.config import base_config, flat_config
+
+  known = sorted(flat_config(base_config()))
+  section = key.rpartition(".")[0]
+  near = difflib.get_close_matches(key, known, n=3)
+  hint = f" Did you mean {' or '.join(repr(k) for k in near)}?" if near else ""
+  same = [k for k in known if k.rpartition(".")[0] == section]
+  if section and same:
+    return f"{hint} Valid keys under '{section}': {', '.join(same)}."
+  tops = sorted({k.partition(".")[0] + ("" if "." not in k else ".*") for k in known})
+  return f"{hint} Valid top-level keys: {', '.join(tops)}."
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl flag parsing with one `error: ...` line per problem (exit 2) instead of a traceback."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    _fail(f"{e}\nPass --helpfull to see the flags.")
+  except OSError as e:  # the config file is missing or failed to load
+    _fail(str(e))
+  except (AttributeError, KeyError):  # ml_collections: an override names a key the config lacks
+    unknown = _unknown_config_keys(argv)
+    if not unknown:
+      raise
+    _fail(
+      "; ".join(f"unknown config key '{k}' (--config.{k}).{_valid_keys_text(k)}" for k in unknown)
+    )
 
 
 def main(argv: list[str]) -> int:
@@ -78,4 +126,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-  app.run(lambda argv: sys.exit(main(argv)))
+  app.run(lambda argv: sys.exit(main(argv)), flags_parser=_parse_flags)

@@ -100,10 +100,16 @@ def _write_json(path: pathlib.Path, obj: Any) -> None:
 
 
 def check_workdir_config(workdir: pathlib.Path, config: ml_collections.ConfigDict, write: bool):
-  """Writes `config.json` on first use; refuses a workdir created with a different config."""
+  """Writes `config.json` on first use; refuses a workdir created with a different config.
+
+  The config binds the workdir once a checkpoint exists: a start that failed before its first
+  checkpoint (missing data, a typo in a value, a NaN at step 1) must not block the corrected rerun.
+  """
   path = workdir / "config.json"
   flat = config_lib.flat_config(config)
-  if path.exists():
+  ckpt_dir = workdir / "checkpoints"
+  has_run = ckpt_dir.is_dir() and any(p.name.isdigit() for p in ckpt_dir.iterdir())
+  if path.exists() and has_run:
     previous = json.loads(path.read_text())
     diff = config_lib.config_diff(previous, flat)
     if diff:
@@ -170,7 +176,8 @@ def _check_finite(terms: dict[str, float], quirks: config_lib.Quirks, where: str
   if bad:
     raise NonFiniteLossError(
       f"Non-finite loss term(s) {bad} at {where}. The run stopped; the last good checkpoint is "
-      "kept in the workdir. Lower train.lr or inspect the data, then rerun to resume."
+      "kept in the workdir. Lower train.lr in a new --workdir (this one is bound to its config), "
+      "or fix the data and rerun the same command to resume."
     )
 
 
@@ -413,7 +420,12 @@ def run(
           state["train"], frozen_t, aux, batch, jax.random.fold_in(task_key, step_in_task + 1), lr
         )
         terms = {k: float(v) for k, v in jax.device_get(terms).items()}
-        _check_finite(terms, quirks, f"task {t}, epoch {epoch}, step {i}")
+        try:
+          _check_finite(terms, quirks, f"task {t}, epoch {epoch}, step {i}")
+        except NonFiniteLossError:
+          if ckpts:  # finish the in-flight async save, or exiting loses the last good checkpoint
+            ckpts.wait()
+          raise
         progress.step_in_epoch, progress.total_steps = i + 1, progress.total_steps + 1
         bar.update(t, step_in_task + 1, epochs * steps, terms)
         if (i + 1) % config.train.log_every_steps == 0 or i + 1 == steps:

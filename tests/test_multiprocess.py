@@ -1,0 +1,74 @@
+"""Two JAX processes on localhost (CPU collectives over gloo) through the CLI's multi-process flags.
+
+Each process has one CPU device, so the mesh spans 2 devices in 2 processes: batches are split
+between the processes, prototypes and evaluation all-gather across them. The result must match the
+1-process run of the same config (`tiny_configs.reference_cli_run`, 8 devices in one process).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import numpy as np
+import pytest
+
+from tests import tiny_configs as tc
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_two_processes_match_one_process(tmp_path, tmp_path_factory):
+  reference = tc.reference_cli_run(tmp_path_factory)
+  workdir = tmp_path / "run"
+  port = tc.free_port()
+  procs, logs = [], []
+  try:
+    for i in range(2):
+      out, err = open(tmp_path / f"out{i}", "w"), open(tmp_path / f"err{i}", "w")
+      logs += [out, err]
+      cmd = tc.cli_command(
+        workdir,
+        *tc.cli_flags(),
+        f"--coordinator_address=localhost:{port}",
+        "--num_processes=2",
+        f"--process_id={i}",
+      )
+      # No shared compilation cache: two writers of one entry could expose a half-written file.
+      procs.append(
+        subprocess.Popen(cmd, cwd=tc.REPO, env=tc.subprocess_env(1), stdout=out, stderr=err)
+      )
+    codes = [p.wait(timeout=900) for p in procs]
+  finally:
+    for p in procs:
+      p.kill()
+      p.wait()
+    for f in logs:
+      f.close()
+  stderr = [(tmp_path / f"err{i}").read_text() for i in range(2)]
+  stdout = [(tmp_path / f"out{i}").read_text() for i in range(2)]
+  assert codes == [0, 0], "\n\n".join(s[-3000:] for s in stderr)
+
+  # Only process 0 writes and prints: one copy of every metrics line, one results table.
+  assert "| metric |" in stdout[0] and "| metric |" not in stdout[1]
+  got = json.loads((workdir / "summary.json").read_text())
+  want = json.loads((reference / "summary.json").read_text())
+  assert got["num_processes"] == 2 and got["num_devices"] == 2
+  assert want["num_processes"] == 1 and want["num_devices"] == 8
+
+  R = lambda s: np.array(s["accuracy_matrix"], dtype=np.float64)  # noqa: E731  (None -> nan)
+  np.testing.assert_allclose(R(got), R(want), atol=1e-5, rtol=0)
+  for key in ("avg_acc", "last_acc", "forgetting", "bwt"):
+    assert got[key] == pytest.approx(want[key], abs=1e-5), key
+  assert got["config"] == want["config"]
+
+  lines_got = tc.read_jsonl(workdir / "metrics.jsonl")
+  lines_want = tc.read_jsonl(reference / "metrics.jsonl")
+  assert [x["kind"] for x in lines_got] == [x["kind"] for x in lines_want]  # no duplicates
+  for a, b in zip(lines_got, lines_want):
+    if a["kind"] == "train":
+      for term in ("total", "ce_c", "ce_p", "ce_m", "mi", "reg"):
+        np.testing.assert_allclose(a[term], b[term], rtol=1e-5, atol=1e-9, err_msg=term)
+      np.testing.assert_allclose(a["orth"], b["orth"], rtol=0, atol=1e-5)  # see test_train.py
+    else:
+      assert tc.without_timing(a) == tc.without_timing(b)

@@ -1,0 +1,136 @@
+"""System tests of `ntkcl_jax.train.run` in process: 1 vs 8 devices, the summary, the baselines.
+
+The in-process runs use the 8 simulated CPU devices of `conftest.py`; the 1-device run is a
+subprocess (a process's device count is fixed when JAX starts).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from ntkcl_jax import metrics, train
+from tests import tiny_configs as tc
+
+# Measured on CPU (jax 0.9.2, tiny config): the 1- and 8-device runs give identical accuracy
+# matrices; their loss terms differ by at most 9e-7 relative (sharded batch reductions sum in
+# another order), parameters by 4e-6 and prototypes (|μ| ≤ 2.2) by 1.2e-7. The exception is the
+# reference L_orth (Q4, a signed sum of residuals that cancels to ~1e-6): its float32 rounding
+# noise is of its own size, ~1e-6 absolute, so it is compared with an absolute tolerance.
+LOSS_RTOL = 1e-5
+ORTH_ATOL = 1e-5
+PROTOTYPE_ATOL = 1e-5
+
+_ONE_DEVICE_RUN = """
+import sys
+import jax
+from ntkcl_jax import train
+from tests.tiny_configs import tiny_config
+assert jax.device_count() == 1, jax.devices()
+train.run(tiny_config(), sys.argv[1])
+"""
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+  return tc.compile_cache_dir(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def eight_devices(cache, tmp_path_factory):
+  """(summary, workdir) of the tiny config trained in this process on 8 devices."""
+  if jax.device_count() != 8:
+    pytest.skip(f"needs the 8 simulated devices of conftest.py, have {jax.device_count()}")
+  workdir = tmp_path_factory.mktemp("eight_devices")
+  with tc.compilation_cache(cache):
+    summary = train.run(tc.tiny_config(), workdir)
+  return summary, workdir
+
+
+def _matrix(summary) -> np.ndarray:
+  R = summary["accuracy_matrix"]
+  return np.array([[np.nan if v is None else v for v in row] for row in R], np.float64)
+
+
+def test_returned_summary_is_the_written_one(eight_devices):
+  summary, workdir = eight_devices
+  written = json.loads((workdir / "summary.json").read_text())
+  assert written == metrics._plain(summary)
+  for key in ("accuracy_matrix", "avg_acc", "last_acc", "forgetting", "bwt", "config"):
+    assert key in written
+  assert written["wall_time_s"] > 0 and written["num_devices"] == 8
+  R = _matrix(summary)
+  assert R.shape == (2, 2) and np.isnan(R[0, 1]) and np.isfinite(R[np.tril_indices(2)]).all()
+  kinds = [r["kind"] for r in tc.read_jsonl(workdir / "metrics.jsonl")]
+  assert kinds == ["train", "train", "eval", "train", "train", "eval", "final"]
+
+
+def test_one_device_matches_eight_devices(eight_devices, cache, tmp_path):
+  summary8, workdir8 = eight_devices
+  workdir1 = tmp_path / "one_device"
+  r = subprocess.run(
+    [sys.executable, "-c", _ONE_DEVICE_RUN, str(workdir1)],
+    cwd=tc.REPO,
+    env=tc.subprocess_env(1, cache),
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
+  assert r.returncode == 0, r.stderr[-4000:]
+  summary1 = json.loads((workdir1 / "summary.json").read_text())
+  assert summary1["num_devices"] == 1
+
+  np.testing.assert_allclose(_matrix(summary1), _matrix(summary8), atol=1e-5, rtol=0)
+  for key in ("avg_acc", "last_acc", "forgetting", "bwt"):
+    assert summary1[key] == pytest.approx(summary8[key], abs=1e-5), key
+
+  # Below the accuracies: every logged loss term, and the final prototypes.
+  lines1 = [x for x in tc.read_jsonl(workdir1 / "metrics.jsonl") if x["kind"] == "train"]
+  lines8 = [x for x in tc.read_jsonl(workdir8 / "metrics.jsonl") if x["kind"] == "train"]
+  assert [(x["task"], x["step"]) for x in lines1] == [(x["task"], x["step"]) for x in lines8]
+  for a, b in zip(lines1, lines8):
+    assert set(a) == set(b)
+    for term in ("total", "ce_c", "ce_p", "ce_m", "mi", "reg", "grad_norm"):
+      np.testing.assert_allclose(a[term], b[term], rtol=LOSS_RTOL, atol=1e-9, err_msg=term)
+    np.testing.assert_allclose(a["orth"], b["orth"], rtol=0, atol=ORTH_ATOL)
+  protos1 = tc.read_checkpoint(workdir1)[0]["prototypes"]
+  protos8 = tc.read_checkpoint(workdir8)[0]["prototypes"]
+  assert protos1.shape == (4, 32) and np.abs(protos8).sum(1).min() > 0  # 4 classes seen, D = 2d
+  np.testing.assert_allclose(protos1, protos8, atol=PROTOTYPE_ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("method", ["simplecil", "seq_finetune", "joint"])
+def test_baseline_method_runs(method, tmp_path):
+  summary = train.run(tc.tiny_config(method=method), tmp_path)
+  assert json.loads((tmp_path / "summary.json").read_text()) == metrics._plain(summary)
+  assert summary["method"] == method
+  R = _matrix(summary)
+  lines = tc.read_jsonl(tmp_path / "metrics.jsonl")
+  train_lines = [x for x in lines if x["kind"] == "train"]
+  lower = R[np.tril_indices(R.shape[0])]
+  assert np.isfinite(lower).all() and ((lower >= 0) & (lower <= 100)).all()
+
+  if method == "joint":  # one task over all 10 classes, 10 steps of 16 of the 160 images
+    assert R.shape == (1, 1)
+    assert [(x["task"], x["step"]) for x in train_lines] == [(0, s) for s in range(1, 11)]
+    assert all("ce_linear" in x and "mi" not in x for x in train_lines)
+    assert np.isclose(R[0, 0] % (100 / 80), 0) or np.isclose(R[0, 0] % (100 / 80), 100 / 80)
+    assert summary["forgetting"] == 0 and summary["avg_acc"] == summary["last_acc"]
+    return
+
+  assert R.shape == (2, 2) and np.isnan(R[0, 1])
+  if method == "simplecil":  # no training: prototypes of the frozen backbone's features
+    assert train_lines == [] and [x["kind"] for x in lines] == ["eval", "eval", "final"]
+    # Old prototypes and features never change, so an old image right among 4 classes is right
+    # among its task's 2: accuracy on task 0 cannot rise.
+    assert R[1, 0] <= R[0, 0] and summary["forgetting"] >= 0
+    assert tc.read_checkpoint(tmp_path)[0]["prototypes"].shape == (4, 16)  # D = backbone width
+  else:  # seq_finetune: linear head + current adapters, cross-entropy only
+    assert [(x["task"], x["step"]) for x in train_lines] == [(0, 1), (0, 2), (1, 1), (1, 2)]
+    assert all(set(x) >= {"ce_linear", "total"} and "mi" not in x for x in train_lines)
+    assert all(np.isfinite(x["total"]) for x in train_lines)
