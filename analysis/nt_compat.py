@@ -260,6 +260,36 @@ def _register_empty_experimental() -> None:
   sys.modules[name] = module
 
 
+def _patch_slice_transposes() -> None:
+  """Plain transpose rules for slice / dynamic_slice built from JAX's "fancy" ones.
+
+  neural-tangents' implementation 3 looks transposes up in `ad.primitive_transposes`; on JAX 0.9
+  `slice_p` and `dynamic_slice_p` only have `ad.fancy_transposes` entries, so any model that
+  slices (NTK-CL reads the CLS token) fails there. Existing entries are never replaced.
+  """
+  try:
+    from jax._src.interpreters import ad as ad_internal
+    from jax._src.lax import slicing
+  except ImportError:  # a JAX whose internals moved: implementation 3 is then unsupported
+    return
+  fancy = getattr(ad_internal, "fancy_transposes", {})
+  accum = getattr(ad_internal, "ValAccum", None)
+  if accum is None:
+    return
+
+  def legacy(rule):
+    def transpose(ct, *invals, **params):
+      accs = [accum(x.aval) if ad_internal.is_undefined_primal(x) else x for x in invals]
+      rule(ct, *accs, **params)
+      return [a.freeze() if isinstance(a, accum) else None for a in accs]
+
+    return transpose
+
+  for prim in (slicing.slice_p, slicing.dynamic_slice_p):
+    if prim in fancy and prim not in ad_internal.primitive_transposes:
+      ad_internal.primitive_transposes[prim] = legacy(fancy[prim])
+
+
 def install() -> types.ModuleType:
   """Makes `import neural_tangents` work on this JAX, imports it and returns the module.
 
@@ -288,6 +318,7 @@ def install() -> types.ModuleType:
     )
   _patch_jax_core()
   _patch_ad()
+  _patch_slice_transposes()
   _patch_jax_util()
   _register_empty_experimental()
   try:

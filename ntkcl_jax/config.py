@@ -167,6 +167,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.analysis.batch_size = 0  # 0: no blocking
   c.analysis.lambda_rel = 1e-2
   c.analysis.kernel = "fixed"  # fixed | per_task
+  c.analysis.tripled = False  # also the 3N-row c/p/m kernel at init (SPEC 7.6 sweep; ~3x cost)
   return c
 
 

@@ -120,6 +120,10 @@ def main(argv: list[str]) -> int:
     return 2
   if jax.process_index() == 0:
     report.write_plots(summary, _WORKDIR.value)
+    if config.analysis.enabled:
+      from analysis import plots
+
+      plots.write_all(_WORKDIR.value)
     print(report.results_table(summary))
     print(f"wall time {summary['wall_time_s']:.1f} s; summary: {_WORKDIR.value}/summary.json")
   return 0

@@ -111,7 +111,13 @@ def check_workdir_config(workdir: pathlib.Path, config: ml_collections.ConfigDic
   has_run = ckpt_dir.is_dir() and any(p.name.isdigit() for p in ckpt_dir.iterdir())
   if path.exists() and has_run:
     previous = json.loads(path.read_text())
-    diff = config_lib.config_diff(previous, flat)
+    defaults = config_lib.flat_config(config_lib.base_config())
+    # A key added to the schema after the workdir was created matches when it holds its default.
+    diff = [
+      k
+      for k in config_lib.config_diff(previous, flat)
+      if k in previous or flat.get(k) != defaults.get(k)
+    ]
     if diff:
       shown = ", ".join(f"{k}: {previous.get(k)!r} -> {flat.get(k)!r}" for k in diff[:8])
       raise WorkdirMismatchError(

@@ -44,6 +44,7 @@ TINY: dict[str, Any] = {
   "eval.batch_size": 16,
   "train.log_every_steps": 1,
   "train.checkpoint_every_steps": 1,
+  "analysis.enabled": False,  # the demo turns NTK diagnostics on; tests/analysis covers them
 }
 
 SMALL_BACKBONE: dict[str, Any] = {

@@ -51,4 +51,8 @@ def get_config(arg: str | None = None):
   c.train.checkpoint_every_steps = 100
   c.loss.lambda_mi = 0.2
   c.eval.batch_size = 256
+  # NTK diagnostics on (SPEC 7): 5 tasks x (32 train + 16 test) probes = 240 kernel rows.
+  c.analysis.enabled = True
+  c.analysis.n_train = 32
+  c.analysis.n_test = 16
   return c
