@@ -7,7 +7,10 @@ each (b, D) with D = 2d, or 3d with the PTM pass.
 
 Shared work (exact, not approximations): block 0's attention sub-layer and MLP(LN2(·)) of its
 CLS/patch rows are identical in every pass, so they are computed once; in the last block only the
-CLS row needs queries, attention output and MLP (keys/values still use all tokens).
+CLS row needs queries, attention output and MLP (keys/values still use all tokens). Both can be
+switched off (`ModelSpec.share_block0`, `last_block_cls_only`) to measure what they save
+(`experiments/bench_step.py --ablate`); `ModelSpec.remat` rematerialises each block in the
+backward pass (activation memory for compute). None of the three changes the features.
 
 Parameter tree: {"backbone": AugReg layout, "peft": {"current", "ema"}, "fusion"}.
 """
@@ -44,6 +47,13 @@ class ModelSpec:
     fixed_197_tokens: reference geometry check (quirk Q8 `prompt_tokens='fixed_197'`).
     ema_branch_dropout: adapter dropout in the EMA channel pass during training (quirk Q9).
     dtype: compute dtype of the passes (parameters stay float32; features are returned float32).
+    share_block0: compute the embedding, block 0's attention and its CLS/patch-row MLP once for
+      all passes (True), or separately in every pass, as the reference does (False).
+    last_block_cls_only: in the last block, compute queries, attention output and MLP for the CLS
+      row only (True), or for every token (False; the patch pass then also runs the last
+      block's prompt generator, as the reference does).
+    remat: recompute each block's activations in the backward pass (`nn.remat` per block
+      application) instead of storing them: less memory, one more forward of the trained passes.
   """
 
   vit: ViTSpec = ViTSpec()
@@ -61,6 +71,9 @@ class ModelSpec:
   fixed_197_tokens: bool = True
   ema_branch_dropout: bool = True
   dtype: Any = jnp.float32
+  share_block0: bool = True
+  last_block_cls_only: bool = True
+  remat: bool = False
 
   def __post_init__(self):
     if self.model_name not in MODEL_NAMES:
@@ -117,62 +130,100 @@ class NTKCL(nn.Module):
 
   # -- passes -----------------------------------------------------------------------------------
 
+  def _apply(self, fn, x):
+    """fn(module, x) → x for one block application, wrapped in `nn.remat` when `spec.remat`.
+
+    `fn` reaches sub-modules through its module argument (never through `self`), which is what
+    lets Flax lift it; static values (block index, bank name, flags) come from the closure.
+    """
+    return nn.remat(fn)(self, x) if self.spec.remat else fn(self, x)
+
   def _cls_feature(self, x: jax.Array) -> jax.Array:
     return self.backbone.final_norm(x[:, 0]).astype(jnp.float32)
 
-  def _plain_pass(self, block0_out: jax.Array) -> jax.Array:
-    x, last = block0_out, self.spec.vit.depth - 1
-    for l in range(1, last):
-      x = self.backbone.block(l)(x)
-    h = self.backbone.block(last).attention_residual(x, cls_only=True)
-    return self._cls_feature(h + self.backbone.block(last).mlp(h))
+  def _block0(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Embedding and block 0 up to its MLP: h0 = x0 + Attn(LN1(x0)), mlp0 = MLP(LN2(h0))."""
 
-  def _channel_pass(self, bank: PEFTBank, h0, mlp0, *, deterministic: bool) -> jax.Array:
-    """Channel mode: out = h + MLP(LN2(h)) + adapter(h), h = x + Attn(LN1(x)) (SPEC 1.2)."""
-    x, last = h0 + mlp0 + bank.adapter(0, h0, deterministic=deterministic), self.spec.vit.depth - 1
-    for l in range(1, last + 1):
-      block = self.backbone.block(l)
-      h = block.attention_residual(x, cls_only=l == last)
-      x = h + block.mlp(h) + bank.adapter(l, h, deterministic=deterministic)
+    def fn(m, images):
+      block0 = m.backbone.block(0)
+      h0 = block0.attention_residual(m.backbone.embed(images))
+      return h0, block0.mlp(h0)
+
+    return self._apply(fn, images)
+
+  def _plain_block(self, l: int, x: jax.Array) -> jax.Array:
+    """One unmodified block; for the last block only the CLS row when `last_block_cls_only`."""
+    cls_only = self.spec.last_block_cls_only and l == self.spec.vit.depth - 1
+
+    def fn(m, x):
+      block = m.backbone.block(l)
+      h = block.attention_residual(x, cls_only=cls_only)
+      return h + block.mlp(h)
+
+    return self._apply(fn, x)
+
+  def _plain_pass(self, images: jax.Array, block0) -> jax.Array:
+    h0, mlp0 = block0 if self.spec.share_block0 else self._block0(images)
+    x = h0 + mlp0
+    for l in range(1, self.spec.vit.depth):
+      x = self._plain_block(l, x)
     return self._cls_feature(x)
 
-  def _patch_pass(self, bank: PEFTBank, h0, mlp0) -> jax.Array:
+  def _channel_pass(self, bank: str, images, block0, *, deterministic: bool) -> jax.Array:
+    """Channel mode: out = h + MLP(LN2(h)) + adapter(h), h = x + Attn(LN1(x)) (SPEC 1.2)."""
+    h0, mlp0 = block0 if self.spec.share_block0 else self._block0(images)
+    last = self.spec.vit.depth - 1
+    x = h0 + mlp0 + getattr(self.peft, bank).adapter(0, h0, deterministic=deterministic)
+    for l in range(1, last + 1):
+      cls_only = self.spec.last_block_cls_only and l == last
+
+      def fn(m, x, l=l, cls_only=cls_only):
+        block = m.backbone.block(l)
+        h = block.attention_residual(x, cls_only=cls_only)
+        return h + block.mlp(h) + getattr(m.peft, bank).adapter(l, h, deterministic=deterministic)
+
+      x = self._apply(fn, x)
+    return self._cls_feature(x)
+
+  def _patch_pass(self, bank: str, images, block0) -> jax.Array:
     """Patch mode (SPEC 1.3): 10 generated prompts after the CLS token from block 0 on."""
     s, last, n_p = self.spec, self.spec.vit.depth - 1, self.spec.num_prompts
+    h0, mlp0 = block0 if s.share_block0 else self._block0(images)
     # Block 0: prompt rows get MLP(LN2(P)) only; CLS and patch rows equal the plain block's.
-    prompts = bank.prompts(0, h0)
+    prompts = getattr(self.peft, bank).prompts(0, h0)
     x = h0 + mlp0
     x = jnp.concatenate([x[:, :1], self.backbone.block(0).mlp(prompts), x[:, 1:]], axis=1)
-    for l in range(1, last):
-      block = self.backbone.block(l)
-      h = block.attention_residual(x)  # [cls, r, patches]
-      carried = h[:, 1 : 1 + n_p]
-      tokens = jnp.concatenate([h[:, :1], h[:, 1 + n_p :]], axis=1)
-      prompts = bank.prompts(l, tokens) + s.prompt_carry * carried
-      z = jnp.concatenate([tokens[:, :1], prompts, tokens[:, 1:]], axis=1)
-      x = block.mlp(z) + h
-    # Last block: only the CLS row is read, so its prompt generator never affects the output.
-    block = self.backbone.block(last)
-    h = block.attention_residual(x, cls_only=True)
-    return self._cls_feature(h + block.mlp(h))
+    # With `last_block_cls_only` the last block reads only the CLS row, so its prompt generator
+    # never affects the output and is skipped; otherwise it runs like every other block.
+    for l in range(1, last if s.last_block_cls_only else last + 1):
+
+      def fn(m, x, l=l):
+        block = m.backbone.block(l)
+        h = block.attention_residual(x)  # [cls, r, patches]
+        carried = h[:, 1 : 1 + n_p]
+        tokens = jnp.concatenate([h[:, :1], h[:, 1 + n_p :]], axis=1)
+        prompts = getattr(m.peft, bank).prompts(l, tokens) + s.prompt_carry * carried
+        z = jnp.concatenate([tokens[:, :1], prompts, tokens[:, 1:]], axis=1)
+        return block.mlp(z) + h
+
+      x = self._apply(fn, x)
+    if s.last_block_cls_only:
+      x = self._plain_block(last, x)
+    return self._cls_feature(x)
 
   def __call__(self, images: jax.Array, *, train: bool) -> dict[str, jax.Array]:
     s = self.spec
-    x0 = self.backbone.embed(images)
-    block0 = self.backbone.block(0)
-    h0 = block0.attention_residual(x0)
-    mlp0 = block0.mlp(h0)
-    prefix = [self._plain_pass(h0 + mlp0)] if s.use_init_ptm else []
-    banks = self.peft.ema, self.peft.current
+    block0 = self._block0(images) if s.share_block0 else None
+    prefix = [self._plain_pass(images, block0)] if s.use_init_ptm else []
     feats = {}
     if s.model_name in ("both", "channel"):
       ema_det = not (train and s.ema_branch_dropout)
-      c_ema = self._channel_pass(banks[0], h0, mlp0, deterministic=ema_det)
-      c_cur = self._channel_pass(banks[1], h0, mlp0, deterministic=not train)
+      c_ema = self._channel_pass("ema", images, block0, deterministic=ema_det)
+      c_cur = self._channel_pass("current", images, block0, deterministic=not train)
       feats["c"] = jnp.concatenate([*prefix, c_ema, c_cur], axis=-1)
     if s.model_name in ("both", "patch"):
-      p_ema = self._patch_pass(banks[0], h0, mlp0)
-      p_cur = self._patch_pass(banks[1], h0, mlp0)
+      p_ema = self._patch_pass("ema", images, block0)
+      p_cur = self._patch_pass("current", images, block0)
       feats["p"] = jnp.concatenate([*prefix, p_ema, p_cur], axis=-1)
     if s.model_name == "both":
       feats["m"] = self.fusion(feats["c"], feats["p"], deterministic=not train)

@@ -5,13 +5,16 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from jax.scipy.special import erf
 
+from ntkcl_jax import losses
 from ntkcl_jax.models.heads import Fusion, cosine_logits, section_weighted_logits
 from ntkcl_jax.models.ntkcl import NTKCL, ModelSpec, init_params
 from ntkcl_jax.models.vit import VIT_B16, VisionTransformer
 from ntkcl_jax.optim import count_params
+from ntkcl_jax.train_step import TaskInfo, init_proxy_head, loss_fn, reg_targets, split_trainable
 from tests.fakes import tiny_spec
 
 # ---- literal SPEC re-implementation (no shared work, all tokens everywhere) ---------------------
@@ -120,9 +123,20 @@ def _perturb(tree, key, scale=0.3):
   )
 
 
-@pytest.mark.parametrize("use_init_ptm", [False, True])
-def test_passes_match_literal_spec(use_init_ptm):
-  spec = tiny_spec(use_init_ptm=use_init_ptm)
+# The optimisation switches (`experiments/bench_step.py --ablate`) must not change the features;
+# each is checked with the PTM pass on (all three pass kinds), to keep the file fast.
+CASES = {
+  "no_ptm": (False, {}),
+  "ptm": (True, {}),
+  "ptm-no_share_block0": (True, {"share_block0": False}),
+  "ptm-no_cls_only": (True, {"last_block_cls_only": False}),
+  "ptm-remat": (True, {"remat": True}),
+}
+
+
+@pytest.mark.parametrize(("use_init_ptm", "switches"), CASES.values(), ids=CASES.keys())
+def test_passes_match_literal_spec(use_init_ptm, switches):
+  spec = tiny_spec(use_init_ptm=use_init_ptm, **switches)
   params = init_params(spec, jax.random.key(0))
   params["peft"] = _perturb(params["peft"], jax.random.key(1))  # non-degenerate prompts/adapters
   params["backbone"] = _perturb(params["backbone"], jax.random.key(2), 0.05)
@@ -132,6 +146,47 @@ def test_passes_match_literal_spec(use_init_ptm):
   for k in ("c", "p", "m"):
     assert got[k].shape == (3, spec.feature_dim)
     np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-5, err_msg=k)
+
+
+@pytest.mark.slow
+def test_switches_keep_training_gradients():
+  """remat and an unshared block 0 change only the schedule: same loss and gradients (train
+  mode, dropout on). Not `last_block_cls_only`: its dropout masks have another shape."""
+  spec = tiny_spec(use_init_ptm=True)
+  params = init_params(spec, jax.random.key(0))
+  params["peft"] = _perturb(params["peft"], jax.random.key(1))
+  params["proxy_head"] = init_proxy_head(jax.random.key(4), spec.feature_dim, 3)
+  trainable, frozen = split_trainable(params)
+  aux = {
+    "task": TaskInfo.make(task_start=0, num_new=3, n_old=0, use_reg=True),
+    "prototypes": jnp.zeros((3, spec.feature_dim)),
+    "orth_basis": jnp.eye(spec.feature_dim)[:, :2],
+    "reg_snapshot": reg_targets(trainable),
+  }
+  batch = {
+    "image": jax.random.uniform(jax.random.key(3), (4, 16, 16, 3)),
+    "label": jnp.array([0, 1, 2, 1]),
+    "mask": jnp.array([True, True, True, False]),
+  }
+
+  def grads(s):
+    f = lambda t: loss_fn(  # noqa: E731
+      t,
+      frozen,
+      aux,
+      batch,
+      jax.random.key(5),
+      model=NTKCL(s),
+      weights=losses.LossWeights(),
+      batch_size=4,
+    )[0]
+    return jax.jit(jax.value_and_grad(f))(trainable)
+
+  (l0, g0), (l1, g1) = grads(spec), grads(dataclasses.replace(spec, remat=True, share_block0=False))
+  np.testing.assert_allclose(l1, l0, rtol=1e-6)
+  assert float(optax.global_norm(g0)) > 0
+  for a, b in zip(jax.tree_util.tree_leaves(g0), jax.tree_util.tree_leaves(g1)):
+    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
 
 
 def test_zero_init_channel_branch_equals_plain_backbone():
