@@ -104,16 +104,6 @@ def reference_full(f, params, x1, x2):
   return np.tensordot(j1, j2, axes=([-1], [-1]))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _fast_compile():
-  """Most XLA optimisations off for this module: compiling dominates these tiny tests (as in
-  flax's example tests); numerics are unchanged up to float rounding."""
-  previous = jax.config.values["jax_disable_most_optimizations"]
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", previous)
-
-
 @pytest.fixture(scope="module")
 def data():
   rng = np.random.default_rng(0)
