@@ -28,10 +28,13 @@ FLOPs per image come from XLA (`compiled.cost_analysis()["flops"]` / batch; it c
 2·M·N·K plus one per elementwise op) and from the analytic count of `analytic_flops` (matmuls
 only, 2 per multiply-add; the formula is in its docstring).
 
-Optimisation switches (`ModelSpec`): `--no-share-block0` computes the embedding and block 0 in
-every pass, `--no-cls-only` runs the last block on all tokens, `--remat` rematerialises each block
-in the backward pass. `--ablate` runs, per size and PTM setting, all optimisations on (the
-default) against each one changed alone, and prints the ratio table.
+Optimisation switches: `--no-share-block0` computes the embedding and block 0 in every pass,
+`--no-cls-only` runs the last block on all tokens, `--remat {none,dots,full}` picks what each block
+stores for the backward pass (`ModelSpec`); `--grad-frozen` also differentiates the frozen backbone
+and EMA bank (what a step without the trainable/frozen split computes), `--no-donate` keeps the
+state buffers undonated (train step only). `--ablate` runs, per size and PTM setting, all
+optimisations on (the default) against each one changed alone (`ABLATIONS`; a train-only change
+is measured on the train step only), and prints the ratio table.
 
 Reference figures (official PyTorch NTK-CL, float32, ViT-B/16, batch 16, on the project's 2-core
 CPU machines) are printed next to ours for ViT-B rows; see `REFERENCE`.
@@ -68,7 +71,14 @@ SIZES = {
   ),
 }
 
-SWITCH_DEFAULTS = {"share_block0": True, "last_block_cls_only": True, "remat": False}
+SWITCH_DEFAULTS = {
+  "share_block0": True,
+  "last_block_cls_only": True,
+  "remat": "none",
+  "grad_frozen": False,
+  "donate": True,
+}
+TRAIN_ONLY = ("remat", "grad_frozen", "donate")  # switches that do not touch the eval step
 ABLATIONS = {
   # row name -> (switch overrides, what the row measures)
   "all_on": ({}, "every optimisation at its default (block 0 shared, CLS-only last block)"),
@@ -80,7 +90,16 @@ ABLATIONS = {
     {"last_block_cls_only": False},
     "last block on all tokens (saves: CLS-only last block)",
   ),
-  "remat": ({"remat": True}, "per-block rematerialisation ON (memory for compute)"),
+  "grad_frozen": (
+    {"grad_frozen": True},
+    "weight gradients of the frozen backbone and EMA bank too (saves: the trainable split)",
+  ),
+  "no_donate": ({"donate": False}, "train state not donated (saves: buffer donation)"),
+  "remat_dots": (
+    {"remat": "dots"},
+    "remat keeping weight-matmul outputs (memory for recomputed elementwise work)",
+  ),
+  "remat_full": ({"remat": "full"}, "full per-block remat (memory for one more forward)"),
 }
 
 
@@ -112,7 +131,8 @@ def analytic_flops(spec, num_classes: int, head_width: int, batch: int) -> dict[
   (frozen passes get none): 1× the forward FLOPs of matmuls with a frozen weight (input gradient
   only), 2× for activation-activation matmuls (scores, A·V) and trainable weights (adapters,
   prompt generators, fusion, heads; an upper bound for the block-0 ones, whose input is constant);
-  `remat` adds one more forward of the two current passes. Eval adds the prototype logits
+  remat="full" adds one more forward of the two current passes ("dots" recomputes only
+  activation-activation matmuls and elementwise work). Eval adds the prototype logits
   dense(1, D, C). LayerNorm, softmax, GELU and the optimiser update are not counted.
   """
   v = spec.vit
@@ -171,7 +191,8 @@ def analytic_flops(spec, num_classes: int, head_width: int, batch: int) -> dict[
   heads = 3 * dense(1, big_d, head_width) + dense(1, big_d, min(batch, num_classes))
   heads += 2 * 2 * dense(1, big_d, 40)
   backward = sum(fw + 2 * aa + 2 * tw for fw, aa, tw in cur) + 2 * (fusion + heads)
-  train = forward + heads + backward + (sum(sum(p) for p in cur) if spec.remat else 0.0)
+  recompute = {"none": 0.0, "dots": sum(aa for _, aa, _ in cur), "full": sum(map(sum, cur))}
+  train = forward + heads + backward + recompute[spec.remat]
   return {"forward": forward, "train": train, "eval": forward + dense(1, big_d, num_classes)}
 
 
@@ -220,6 +241,35 @@ def build_spec(cfg: dict[str, Any]):
     last_block_cls_only=cfg["last_block_cls_only"],
     remat=cfg["remat"],
   )
+
+
+def _grad_frozen_step(model, tx, batch_size: int):
+  """`make_train_step` that also takes the gradient w.r.t. `frozen` (and discards it)."""
+  import jax
+  import optax
+
+  from ntkcl_jax import losses
+  from ntkcl_jax.train_step import TrainState, loss_fn
+
+  def train_step(state, frozen, aux, batch, key, lr):
+    grad_fn = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)
+    (_, terms), (grads, frozen_grads) = grad_fn(
+      state.params,
+      frozen,
+      aux,
+      batch,
+      key,
+      model=model,
+      weights=losses.LossWeights(),
+      batch_size=batch_size,
+    )
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = jax.tree_util.tree_map(lambda p, u: p - lr * u, state.params, updates)
+    terms["grad_norm"] = optax.global_norm(grads)
+    terms["frozen_grad_norm"] = optax.global_norm(frozen_grads)
+    return TrainState(params=params, opt_state=opt_state, step=state.step + 1), terms
+
+  return train_step
 
 
 def run_worker(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -276,8 +326,13 @@ def run_worker(cfg: dict[str, Any]) -> dict[str, Any]:
       "label": jnp.asarray(labels, jnp.int32),
       "mask": jnp.ones((batch_size,), bool),
     }
-    step = make_train_step(model, losses.LossWeights(), tx, batch_size)
-    fn = jax.jit(step, donate_argnums=(0,))
+    if cfg["grad_frozen"]:
+      # Differentiate the frozen partition too (its gradient norm joins the terms, so XLA
+      # cannot drop it): the cost the trainable/frozen split avoids.
+      step = _grad_frozen_step(model, tx, batch_size)
+    else:
+      step = make_train_step(model, losses.LossWeights(), tx, batch_size)
+    fn = jax.jit(step, donate_argnums=(0,) if cfg["donate"] else ())
     keys = [jax.random.key(i) for i in range(cfg["repeats"] + 1)]
     lr = 0.01
     t0 = time.perf_counter()
@@ -337,7 +392,12 @@ def run_worker(cfg: dict[str, Any]) -> dict[str, Any]:
     "cpu_s": cpu_times,
     "median_cpu_s": statistics.median(cpu_times),
     "xla_flops_per_img": (lambda f: None if f is None else f / batch_size)(_cost_flops(compiled)),
-    "analytic_flops_per_img": analytic_flops(spec, num_classes, s_t, batch_size)[cfg["phase"]],
+    # the analytic count covers the shipped step (frozen weights get no gradient)
+    "analytic_flops_per_img": (
+      None
+      if cfg.get("grad_frozen")
+      else analytic_flops(spec, num_classes, s_t, batch_size)[cfg["phase"]]
+    ),
     "xla_temp_bytes": getattr(mem, "temp_size_in_bytes", None),
     "peak_rss_bytes": _peak_rss_bytes(),
     "rss_after_init_bytes": rss_after_init,
@@ -400,14 +460,16 @@ def run_config(cfg: dict[str, Any], subprocess_mode: bool, timeout: float) -> di
   return {**cfg, "error": f"worker exited {proc.returncode}: " + " | ".join(tail)}
 
 
-def _variant(switches: dict[str, bool]) -> str:
-  changed = [k for k, v in SWITCH_DEFAULTS.items() if switches[k] != v]
+def _variant(switches: dict[str, Any]) -> str:
   names = {
-    "share_block0": "no_share_block0",
-    "last_block_cls_only": "no_cls_only",
-    "remat": "remat",
+    "share_block0": lambda v: "no_share_block0",
+    "last_block_cls_only": lambda v: "no_cls_only",
+    "remat": lambda v: f"remat_{v}",
+    "grad_frozen": lambda v: "grad_frozen",
+    "donate": lambda v: "no_donate",
   }
-  return "+".join(names[k] for k in changed) or "all_on"
+  changed = [names[k](switches[k]) for k, v in SWITCH_DEFAULTS.items() if switches[k] != v]
+  return "+".join(changed) or "all_on"
 
 
 def _fmt(x, spec=".3g"):
@@ -433,15 +495,16 @@ def print_results(
       )
       continue
     ana, xla = r["analytic_flops_per_img"], r["xla_flops_per_img"]
-    rate = ana * r["img_s"]
-    rate_cpu = ana * r["batch"] / r["median_cpu_s"]  # FLOPs per CPU-second of the process
+    flops = ana or xla or 0.0  # XLA's count where the analytic one does not apply
+    rate = flops * r["img_s"]
+    rate_cpu = flops * r["batch"] / r["median_cpu_s"]  # FLOPs per CPU-second of the process
     rss = r["device_peak_bytes"] or r["peak_rss_bytes"]
     print(
       f"{r['size']:5} {r['ptm']!s:5} {r['dtype']:8} {_variant(r):16} {r['phase']:5} "
       f"{r['img_s']:7.3g} {r['median_s']:7.3f} {r['min_s']:7.3f} {r['median_cpu_s']:7.3f} "
       f"{r['compile_s']:7.1f} "
       f"{r['first_call_s']:6.2f} {_fmt(xla and xla / 1e9):>10} "
-      f"{ana / 1e9:10.3g} {rate / 1e9:8.3g} {_fmt(f32 and rate / f32, '.2f'):>6} "
+      f"{_fmt(ana and ana / 1e9):>10} {rate / 1e9:8.3g} {_fmt(f32 and rate / f32, '.2f'):>6} "
       f"{_fmt(f32_cpu and rate_cpu / f32_cpu, '.2f'):>7} "
       f"{rss / 1e9:6.2f} {_fmt(r['xla_temp_bytes'] and r['xla_temp_bytes'] / 1e9, '.2f'):>7} "
       f"{r['load_avg_after']:4.1f}"
@@ -528,7 +591,11 @@ def ablation_table(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
           if r["xla_flops_per_img"] and b["xla_flops_per_img"]
           else None
         ),
-        "analytic_flops_ratio": r["analytic_flops_per_img"] / b["analytic_flops_per_img"],
+        "analytic_flops_ratio": (
+          r["analytic_flops_per_img"] / b["analytic_flops_per_img"]
+          if r["analytic_flops_per_img"] and b["analytic_flops_per_img"]
+          else None
+        ),
         "peak_mem_ratio": mem(r) / mem(b),
         "temp_ratio": (
           r["xla_temp_bytes"] / b["xla_temp_bytes"]
@@ -552,7 +619,7 @@ def ablation_table(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
         f"{x['size']:5} {x['ptm']!s:5} {x['dtype']:8} {x['phase']:5} {x['variant']:16} "
         f"{x['time_ratio']:6.2f} {x['min_time_ratio']:6.2f} {x['cpu_time_ratio']:6.2f} "
         f"{_fmt(x['xla_flops_ratio'], '.2f'):>8} "
-        f"{x['analytic_flops_ratio']:8.2f} {x['peak_mem_ratio']:8.2f} "
+        f"{_fmt(x['analytic_flops_ratio'], '.2f'):>8} {x['peak_mem_ratio']:8.2f} "
         f"{_fmt(x['temp_ratio'], '.2f'):>6} {x['compile_ratio']:7.2f}"
       )
     for name, (_, what) in ABLATIONS.items():
@@ -570,7 +637,9 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--batch", type=int, default=None, help="override the size's batch")
   p.add_argument("--no-share-block0", action="store_true")
   p.add_argument("--no-cls-only", action="store_true")
-  p.add_argument("--remat", action="store_true")
+  p.add_argument("--remat", choices=("none", "dots", "full"), default="none")
+  p.add_argument("--grad-frozen", action="store_true")
+  p.add_argument("--no-donate", action="store_true")
   p.add_argument("--ablate", action="store_true", help="all on vs each switch changed alone")
   p.add_argument("--rounds", type=int, default=1, help="repeat all configs, alternating order")
   p.add_argument("--dot-size", type=int, default=2048)
@@ -603,6 +672,8 @@ def main(argv: list[str] | None = None) -> int:
     "share_block0": not args.no_share_block0,
     "last_block_cls_only": not args.no_cls_only,
     "remat": args.remat,
+    "grad_frozen": args.grad_frozen,
+    "donate": not args.no_donate,
   }
   variants = (
     [{**SWITCH_DEFAULTS, **over} for over, _ in ABLATIONS.values()] if args.ablate else [chosen]
@@ -627,6 +698,8 @@ def main(argv: list[str] | None = None) -> int:
   for rnd in range(args.rounds):
     order = variants if rnd % 2 == 0 else variants[::-1]
     for size, ptm, dtype, sw, phase in itertools.product(sizes, ptms, dtypes, order, phases):
+      if args.ablate and phase == "eval" and any(sw[k] != SWITCH_DEFAULTS[k] for k in TRAIN_ONLY):
+        continue  # the eval step is the all_on one
       repeats = args.repeats or (10 if size == "tiny" else 3)
       cfg = {
         "size": size,

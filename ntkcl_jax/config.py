@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from ntkcl_jax.losses import LossWeights
-from ntkcl_jax.models.ntkcl import ModelSpec
+from ntkcl_jax.models.ntkcl import REMAT_POLICIES, ModelSpec
 from ntkcl_jax.models.vit import ViTSpec
 
 # Each quirk of the released code (SPEC 4): key -> (reference value, corrected value).
@@ -128,6 +128,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.use_init_ptm = False
   c.model.frozen_prompt_list_num = 1  # EMA banks; only 1 is in scope (SPEC 1.4).
   c.model.dtype = "float32"  # compute dtype: float32 | bfloat16
+  c.model.remat = "none"  # what each block stores for backward: none | dots | full (ModelSpec)
 
   c.train = ml_collections.ConfigDict()
   c.train.lr = 0.025
@@ -137,6 +138,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.momentum = 0.9
   c.train.use_ema = True  # ablation "no EMA": the EMA bank stays at its init.
   c.train.log_every_steps = 50
+  c.train.tensorboard = True  # event files in workdir/tensorboard when tensorboardX is installed
   c.train.checkpoint_every_steps = 500
   c.train.max_tasks = -1  # -1: all tasks; a positive number truncates the stream.
 
@@ -191,6 +193,7 @@ def model_spec(config: ml_collections.ConfigDict, quirks: Quirks) -> ModelSpec:
     fixed_197_tokens=quirks.prompt_tokens == "fixed_197",
     ema_branch_dropout=quirks.ema_branch_dropout,
     dtype=jnp.dtype(m.dtype),
+    remat=m.remat,
   )
 
 
@@ -220,6 +223,7 @@ _CHOICES = {
   "method": ("ntkcl", "simplecil", "seq_finetune", "joint"),
   "model.name": ("both", "channel", "patch"),
   "model.dtype": ("float32", "bfloat16"),
+  "model.remat": tuple(REMAT_POLICIES),
   "data.value_range": ("0_1", "-1_1"),
   "analysis.output": ("fused_feature", "prototype_logits", "proxy_logits"),
   "analysis.projection": ("gaussian", "exact"),

@@ -13,6 +13,7 @@ Predictions are task-agnostic over the classes seen at the stage. Labels are new
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from collections.abc import Sequence
@@ -236,15 +237,37 @@ class MetricWriter:
   Append mode, so a resumed run continues the file; flushed after every line. Values are made
   plain (NumPy/JAX -> floats, ints, lists; NaN/Inf -> null). Only a writer with ``enabled=True``
   touches the file (pass ``enabled=jax.process_index() == 0``).
+
+  With ``tensorboard_dir`` set and the optional ``tensorboardX`` package installed, every record
+  written with a ``step`` also goes to TensorBoard event files there: each finite scalar field as
+  ``"{kind}/{field}"`` at that step (lists, strings and nulls are JSON-only). ``purge_step`` (the
+  step a resumed run restarts from) makes TensorBoard drop the events an interrupted run wrote
+  past it, as the JSON file is truncated to the checkpoint. Without ``tensorboardX`` the writer
+  says so once in the log and writes JSON only.
   """
 
-  def __init__(self, path: str | os.PathLike, enabled: bool = True):
+  def __init__(
+    self,
+    path: str | os.PathLike,
+    enabled: bool = True,
+    tensorboard_dir: str | os.PathLike | None = None,
+    purge_step: int | None = None,
+  ):
     self.path = os.fspath(path)
     self.enabled = bool(enabled)
     self._file = None
+    self._tb = None
+    if self.enabled and tensorboard_dir is not None:
+      self._tb = _tensorboard_writer(os.fspath(tensorboard_dir), purge_step)
 
-  def write(self, record: dict[str, Any]) -> None:
-    """Write one record (a dict with str keys) as one line."""
+  @property
+  def tensorboard(self) -> bool:
+    """Whether records with a step also go to TensorBoard event files."""
+    return self._tb is not None
+
+  def write(self, record: dict[str, Any], step: int | None = None) -> None:
+    """Write one record (a dict with str keys) as one line; its scalars to TensorBoard at
+    ``step`` when given."""
     if not self.enabled:
       return
     if not isinstance(record, dict):
@@ -254,19 +277,42 @@ class MetricWriter:
       if parent:
         os.makedirs(parent, exist_ok=True)
       self._file = open(self.path, "a", encoding="utf-8")  # closed in close()
-    self._file.write(json.dumps(_plain(record), allow_nan=False) + "\n")
+    plain = _plain(record)
+    self._file.write(json.dumps(plain, allow_nan=False) + "\n")
     self._file.flush()
+    if self._tb is not None and step is not None:
+      kind = plain.get("kind", "metrics")
+      for key, value in plain.items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+          self._tb.add_scalar(f"{kind}/{key}", value, global_step=int(step))
+      self._tb.flush()
 
   def close(self) -> None:
     if self._file is not None:
       self._file.close()
       self._file = None
+    if self._tb is not None:
+      self._tb.close()
+      self._tb = None
 
   def __enter__(self) -> MetricWriter:
     return self
 
   def __exit__(self, *exc) -> None:
     self.close()
+
+
+def _tensorboard_writer(logdir: str, purge_step: int | None):
+  """A `tensorboardX.SummaryWriter` on `logdir`, or None (logged) when it is not installed."""
+  try:
+    from tensorboardX import SummaryWriter
+  except ImportError:
+    logging.getLogger(__name__).info(
+      "tensorboardX is not installed: metrics go to metrics.jsonl only "
+      "(pip install tensorboardX for TensorBoard event files)."
+    )
+    return None
+  return SummaryWriter(logdir=logdir, purge_step=purge_step)
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:

@@ -273,10 +273,16 @@ def run(
   else:
     state = sharding.put_replicated(state, mesh)
   metrics_path = workdir / "metrics.jsonl"
-  if is_writer and metrics_path.exists():
+  rerun = metrics_path.exists()
+  if is_writer and rerun:
     with open(metrics_path, "r+b") as f:  # drop lines written after the checkpoint we resume from
       f.truncate(progress.metrics_offset)
-  writer = metrics.MetricWriter(metrics_path, enabled=is_writer)
+  writer = metrics.MetricWriter(
+    metrics_path,
+    enabled=is_writer,
+    tensorboard_dir=workdir / "tensorboard" if config.train.tensorboard else None,
+    purge_step=progress.total_steps if rerun else None,
+  )
   elapsed_before = progress.wall_time_s
 
   def save(finalize: bool = False):
@@ -443,7 +449,8 @@ def run(
               "step": step_in_task + 1,
               "lr": lr,
               **terms,
-            }
+            },
+            step=progress.total_steps,
           )
         every = config.train.checkpoint_every_steps
         if every > 0 and progress.total_steps % every == 0 and i + 1 < steps:
@@ -471,7 +478,9 @@ def run(
       predict_t, stream, t, eval_batch, mesh, top5=config.data.num_classes > 10
     )
     progress.stages.append(stage)
-    writer.write({"kind": "eval", "task": t, "step": progress.total_steps, **stage})
+    writer.write(
+      {"kind": "eval", "task": t, "step": progress.total_steps, **stage}, step=progress.total_steps
+    )
     log.info("task %d: A_t %.2f, row %s", t, stage["A"], np.round(stage["R_row"], 2).tolist())
     state["reg_snapshot"] = reg_targets(state["train"].params)
     progress.task, progress.in_task = t + 1, False
@@ -484,7 +493,7 @@ def run(
   A = [s["A"] for s in progress.stages]
   final = metrics.final_metrics(R, A)
   wall = elapsed_before + time.time() - t_start
-  writer.write({"kind": "final", **final})
+  writer.write({"kind": "final", **final}, step=progress.total_steps)
   summary = {
     "accuracy_matrix": final["R"],
     **{k: final[k] for k in ("avg_acc", "last_acc", "forgetting", "bwt")},

@@ -169,6 +169,10 @@ BAD_INPUTS = {
     tc.cli_flags(data__init_cls=12),
     ["data.init_cls=12", "data.num_classes=10", "at least one class"],
   ),
+  "unknown_remat_policy": (
+    tc.cli_flags(model__remat="some"),
+    ["model.remat='some'", "'none', 'dots', 'full'"],
+  ),
   "image_size_not_divisible": (
     tc.cli_flags(backbone__image_size=27),
     ["backbone.image_size=27", "backbone.patch_size=7", "not divisible"],

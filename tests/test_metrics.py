@@ -1,7 +1,11 @@
 """SPEC 3 metrics on hand-made matrices, and the JSON-lines writer (SPEC 8)."""
 
 import json
+import logging
 import math
+import pathlib
+import struct
+import sys
 
 import numpy as np
 import pytest
@@ -148,3 +152,67 @@ def test_metric_writer_disabled_writes_nothing(tmp_path):
   writer.write({"kind": "train", "loss": 1.0})
   writer.close()
   assert not path.exists()
+
+
+def _tensorboard_events(logdir) -> list:
+  """Every `Event` proto of the TFRecord event files under `logdir`, in file then write order."""
+  from tensorboardX.proto import event_pb2
+
+  events = []
+  for path in sorted(pathlib.Path(logdir).glob("events.out.tfevents.*")):
+    data, pos = path.read_bytes(), 0
+    while pos < len(data):  # TFRecord: u64 length, u32 crc, payload, u32 crc
+      (length,) = struct.unpack("<Q", data[pos : pos + 8])
+      events.append(event_pb2.Event.FromString(data[pos + 12 : pos + 12 + length]))
+      pos += 12 + length + 4
+  return events
+
+
+def tensorboard_scalars(logdir) -> dict[str, list[tuple[int, float]]]:
+  """{tag: [(step, value), ...]} of the scalar summaries under `logdir`."""
+  out: dict[str, list[tuple[int, float]]] = {}
+  for event in _tensorboard_events(logdir):
+    for value in event.summary.value:
+      out.setdefault(value.tag, []).append((event.step, value.simple_value))
+  return out
+
+
+def test_metric_writer_tensorboard_scalars_at_the_given_step(tmp_path):
+  pytest.importorskip("tensorboardX")
+  tb = tmp_path / "tb"
+  with metrics.MetricWriter(tmp_path / "m.jsonl", tensorboard_dir=tb) as writer:
+    assert writer.tensorboard
+    writer.write({"kind": "train", "task": 0, "total": np.float32(2.5), "lr": 0.01}, step=3)
+    writer.write({"kind": "eval", "A": 75.0, "R_row": [75.0], "old": None, "ok": True}, step=4)
+    writer.write({"kind": "train", "total": 9.0})  # no step: JSON only
+  scalars = tensorboard_scalars(tb)
+  assert scalars == {
+    "train/task": [(3, 0.0)],
+    "train/total": [(3, 2.5)],
+    "train/lr": [(3, pytest.approx(0.01))],
+    "eval/A": [(4, 75.0)],
+  }
+  assert len(metrics.read_jsonl(tmp_path / "m.jsonl")) == 3
+
+
+def test_metric_writer_tensorboard_purge_step_marks_the_restart(tmp_path):
+  pytest.importorskip("tensorboardX")
+  from tensorboardX.proto.event_pb2 import SessionLog
+
+  tb = tmp_path / "tb"
+  with metrics.MetricWriter(tmp_path / "m.jsonl", tensorboard_dir=tb, purge_step=7) as writer:
+    writer.write({"kind": "train", "total": 1.0}, step=8)
+  starts = [e.step for e in _tensorboard_events(tb) if e.session_log.status == SessionLog.START]
+  assert starts == [7]  # TensorBoard hides this run's older events at steps >= 7
+
+
+def test_metric_writer_without_tensorboardx_writes_json_only(tmp_path, monkeypatch, caplog):
+  monkeypatch.setitem(sys.modules, "tensorboardX", None)  # import fails as if not installed
+  with caplog.at_level(logging.INFO, logger="ntkcl_jax.metrics"):
+    writer = metrics.MetricWriter(tmp_path / "m.jsonl", tensorboard_dir=tmp_path / "tb")
+  assert not writer.tensorboard
+  assert "tensorboardX is not installed" in caplog.text
+  writer.write({"kind": "train", "total": 1.0}, step=1)
+  writer.close()
+  assert metrics.read_jsonl(tmp_path / "m.jsonl") == [{"kind": "train", "total": 1.0}]
+  assert not (tmp_path / "tb").exists()

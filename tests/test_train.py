@@ -6,6 +6,7 @@ subprocess (a process's device count is fixed when JAX starts).
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -16,6 +17,7 @@ import pytest
 
 from ntkcl_jax import metrics, train
 from tests import tiny_configs as tc
+from tests.test_metrics import tensorboard_scalars
 
 # Measured on CPU (jax 0.9.2, tiny config): the 1- and 8-device runs give identical accuracy
 # matrices; their loss terms differ by at most 9e-7 relative (sharded batch reductions sum in
@@ -66,8 +68,27 @@ def test_returned_summary_is_the_written_one(eight_devices):
   assert written["wall_time_s"] > 0 and written["num_devices"] == 8
   R = _matrix(summary)
   assert R.shape == (2, 2) and np.isnan(R[0, 1]) and np.isfinite(R[np.tril_indices(2)]).all()
-  kinds = [r["kind"] for r in tc.read_jsonl(workdir / "metrics.jsonl")]
-  assert kinds == ["train", "train", "eval", "train", "train", "eval", "final"]
+  records = tc.read_jsonl(workdir / "metrics.jsonl")
+  assert [r["kind"] for r in records] == [
+    "train",
+    "train",
+    "eval",
+    "train",
+    "train",
+    "eval",
+    "final",
+  ]
+  if importlib.util.find_spec("tensorboardX") is not None:  # the same scalars as event files
+    scalars = tensorboard_scalars(workdir / "tensorboard")
+    assert [v for _, v in scalars["train/total"]] == pytest.approx(
+      [r["total"] for r in records if r["kind"] == "train"]
+    )
+    assert [s for s, _ in scalars["train/total"]] == [1, 2, 3, 4]  # global steps
+    assert scalars["eval/A"] == [
+      (2, pytest.approx(summary["stages"][0]["A"])),
+      (4, pytest.approx(summary["stages"][1]["A"])),
+    ]
+    assert scalars["final/avg_acc"] == [(4, pytest.approx(summary["avg_acc"]))]
 
 
 def test_one_device_matches_eight_devices(eight_devices, cache, tmp_path):
