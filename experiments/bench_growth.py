@@ -33,18 +33,7 @@ import time
 from typing import Any
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # `experiments.configs`
-
-
-def _proc_status_bytes(field: str) -> int:
-  """A `/proc/self/status` memory field (VmRSS, VmHWM) in bytes; 0 where /proc is missing."""
-  try:
-    with open("/proc/self/status") as f:
-      for line in f:
-        if line.startswith(field + ":"):
-          return int(line.split()[1]) * 1024
-  except OSError:
-    pass
-  return 0
+from experiments import bench_util
 
 
 class TimingHook:
@@ -63,8 +52,8 @@ class TimingHook:
         "task": view.task,
         "num_seen": view.num_seen,
         "t": time.perf_counter() - self.t_start,
-        "rss_bytes": _proc_status_bytes("VmRSS"),
-        "hwm_bytes": _proc_status_bytes("VmHWM"),
+        "rss_bytes": bench_util.proc_status_bytes("VmRSS"),
+        "hwm_bytes": bench_util.proc_status_bytes("VmHWM"),
       }
     )
 

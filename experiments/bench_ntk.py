@@ -10,7 +10,14 @@ call (compilation + one run) is reported apart; then the median of `--repeats` c
   python experiments/bench_ntk.py --skip-vitb                 # tiny model only
   python experiments/bench_ntk.py --n-vitb 4 --impls native:1  # ViT-B, one implementation
   python experiments/bench_ntk.py --demo-workdir workdirs/demo # analysis overhead of a demo run
+  python experiments/bench_ntk.py --sweep-n 8,16,32,64          # cost vs probe size N, exponents
   ... --json                                                   # one JSON object on the last line
+
+The sweep mode times one implementation (`--sweep-impl`, default native:1) on the tiny model for
+each N in a fresh subprocess and reports the median time and the memory the kernel adds (peak RSS
+minus the RSS before the first kernel call, so the interpreter and model do not count), then the
+least-squares slope of log(time) and log(memory) on log(N): the fitted exponents (Θ is (N, N), the
+Jacobians (N·k, P): expect between 1 and 2).
 
 The overhead mode reads `summary.json` of a run made with `--config.analysis.enabled=True` and
 reports `ntk.overhead_s` (all time inside the hook) against `wall_time_s`.
@@ -20,10 +27,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import pathlib
 import statistics
+import subprocess
 import sys
 import time
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from experiments import bench_util
 
 ALL_IMPLS = (
   "native:1",
@@ -114,6 +126,45 @@ def time_kernels(kind: str, n: int, impls, repeats: int, k: int) -> list[dict]:
   return rows
 
 
+def sweep_point(n: int, impl: str, repeats: int, k: int) -> dict:
+  """One N of the sweep, in this (fresh) process: time_kernels' row plus the added memory."""
+  import jax
+
+  jax.block_until_ready(_model("tiny"))  # compile and run the init before the baseline
+  before = bench_util.proc_status_bytes("VmRSS")
+  (row,) = time_kernels("tiny", n, [impl], repeats, k)
+  peak = bench_util.peak_rss_bytes()
+  return {**row, "rss_before_bytes": before, "added_peak_bytes": peak - before}
+
+
+def fit_exponent(ns, values) -> float:
+  """Least-squares slope of log(values) on log(ns)."""
+  import numpy as np
+
+  return float(np.polyfit(np.log(ns), np.log(values), 1)[0])
+
+
+def sweep(ns: list[int], impl: str, repeats: int, k: int) -> dict:
+  """Time and added memory vs N (a subprocess each) and their fitted exponents."""
+  points = []
+  for n in ns:
+    cmd = [sys.executable, __file__, "--sweep-worker", str(n), "--sweep-impl", impl]
+    cmd += ["--repeats", str(repeats), "--k", str(k)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
+    lines = [x for x in proc.stdout.splitlines() if x.startswith("SWEEP_POINT ")]
+    if proc.returncode or not lines:
+      tail = " | ".join(proc.stderr.strip().splitlines()[-3:])
+      raise SystemExit(f"sweep point N={n} failed (exit {proc.returncode}): {tail}")
+    points.append(json.loads(lines[-1][len("SWEEP_POINT ") :]))
+  ok = [p for p in points if "error" not in p]
+  out = {"impl": impl, "points": points}
+  if len(ok) >= 2:
+    n_ok = [p["n"] for p in ok]
+    out["time_exponent"] = fit_exponent(n_ok, [p["median_s"] for p in ok])
+    out["memory_exponent"] = fit_exponent(n_ok, [max(p["added_peak_bytes"], 1) for p in ok])
+  return out
+
+
 def overhead(workdir: str) -> dict:
   """Analysis overhead of a finished run: ntk.overhead_s vs wall_time_s of summary.json."""
   summary = json.loads((pathlib.Path(workdir) / "summary.json").read_text())
@@ -162,10 +213,35 @@ def main(argv=None) -> int:
   p.add_argument("--skip-tiny", action="store_true")
   p.add_argument("--skip-vitb", action="store_true")
   p.add_argument("--demo-workdir", help="report the analysis overhead of this run instead")
+  p.add_argument("--sweep-n", default="", help="comma-separated probe sizes (tiny model)")
+  p.add_argument("--sweep-impl", default="native:1", help="backend:impl for --sweep-n")
+  p.add_argument("--sweep-worker", type=int, help=argparse.SUPPRESS)
   p.add_argument("--json", action="store_true", help="one JSON object on the last line")
   args = p.parse_args(argv)
 
-  if args.demo_workdir:
+  if args.sweep_worker:
+    point = sweep_point(args.sweep_worker, args.sweep_impl, args.repeats, args.k)
+    print("SWEEP_POINT " + json.dumps(point), flush=True)
+    return 0
+
+  if args.sweep_n:
+    result = sweep([int(x) for x in args.sweep_n.split(",")], args.sweep_impl, args.repeats, args.k)
+    print(f"device {_device()}; tiny model, {args.sweep_impl}, k={args.k}")
+    print(f"{'N':>5} {'first s':>8} {'median s':>9} {'added MB':>9}")
+    for pt in result["points"]:
+      if "error" in pt:
+        print(f"{pt['n']:5d} error: {pt['error']}")
+      else:
+        print(
+          f"{pt['n']:5d} {pt['first_s']:8.2f} {pt['median_s']:9.3f} "
+          f"{pt['added_peak_bytes'] / 2**20:9.1f}"
+        )
+    if "time_exponent" in result:
+      print(
+        f"fitted exponents (log-log least squares): time ~ N^{result['time_exponent']:.2f}, "
+        f"added memory ~ N^{result['memory_exponent']:.2f}"
+      )
+  elif args.demo_workdir:
     result = {"overhead": overhead(args.demo_workdir)}
     o = result["overhead"]
     print(
@@ -192,5 +268,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-  sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
   sys.exit(main())

@@ -46,12 +46,14 @@ import argparse
 import itertools
 import json
 import os
-import resource
+import pathlib
 import statistics
-import subprocess
 import sys
 import time
 from typing import Any
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from experiments import bench_util
 
 REFERENCE = {
   # (ptm) -> official PyTorch NTK-CL, 2 CPU cores, float32, ViT-B/16, batch 16 (ranges: min, max)
@@ -74,14 +76,17 @@ SIZES = {
 SWITCH_DEFAULTS = {
   "share_block0": True,
   "last_block_cls_only": True,
-  "remat": "none",
+  "remat": "dots",
   "grad_frozen": False,
   "donate": True,
 }
 TRAIN_ONLY = ("remat", "grad_frozen", "donate")  # switches that do not touch the eval step
 ABLATIONS = {
   # row name -> (switch overrides, what the row measures)
-  "all_on": ({}, "every optimisation at its default (block 0 shared, CLS-only last block)"),
+  "all_on": (
+    {},
+    "every optimisation at its default (block 0 shared, CLS-only last block, remat dots)",
+  ),
   "no_share_block0": (
     {"share_block0": False},
     "embedding + block 0 recomputed in every pass (saves: sharing block 0)",
@@ -95,9 +100,9 @@ ABLATIONS = {
     "weight gradients of the frozen backbone and EMA bank too (saves: the trainable split)",
   ),
   "no_donate": ({"donate": False}, "train state not donated (saves: buffer donation)"),
-  "remat_dots": (
-    {"remat": "dots"},
-    "remat keeping weight-matmul outputs (memory for recomputed elementwise work)",
+  "remat_none": (
+    {"remat": "none"},
+    "every activation stored (saves: remat keeping only the weight-matmul outputs)",
   ),
   "remat_full": ({"remat": "full"}, "full per-block remat (memory for one more forward)"),
 }
@@ -200,22 +205,6 @@ def analytic_flops(spec, num_classes: int, head_width: int, batch: int) -> dict[
 # Worker: one (configuration, phase) in a fresh process.
 
 
-def _rss_now_bytes() -> int:
-  try:
-    with open("/proc/self/status") as f:
-      for line in f:
-        if line.startswith("VmRSS:"):
-          return int(line.split()[1]) * 1024
-  except OSError:
-    pass
-  return 0
-
-
-def _peak_rss_bytes() -> int:
-  kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-  return kb if sys.platform == "darwin" else kb * 1024  # macOS reports bytes, Linux KiB
-
-
 def _cost_flops(compiled) -> float | None:
   cost = compiled.cost_analysis()
   if isinstance(cost, (list, tuple)):
@@ -306,7 +295,7 @@ def run_worker(cfg: dict[str, Any]) -> dict[str, Any]:
   protos_j = jnp.asarray(protos)
   jax.block_until_ready(params)
   init_s = time.perf_counter() - t0
-  rss_after_init = _rss_now_bytes()
+  rss_after_init = bench_util.proc_status_bytes("VmRSS")
 
   if cfg["phase"] == "train":
     params["proxy_head"] = init_proxy_head(jax.random.key(1), spec.feature_dim, s_t)
@@ -399,7 +388,7 @@ def run_worker(cfg: dict[str, Any]) -> dict[str, Any]:
       else analytic_flops(spec, num_classes, s_t, batch_size)[cfg["phase"]]
     ),
     "xla_temp_bytes": getattr(mem, "temp_size_in_bytes", None),
-    "peak_rss_bytes": _peak_rss_bytes(),
+    "peak_rss_bytes": bench_util.peak_rss_bytes(),
     "rss_after_init_bytes": rss_after_init,
     "device_peak_bytes": stats.get("peak_bytes_in_use"),
     "loss_finite": finite,
@@ -412,52 +401,20 @@ def run_worker(cfg: dict[str, Any]) -> dict[str, Any]:
 # Parent: matmul rate, configurations, tables.
 
 
-def dot_rate(n: int, dtype: str, repeats: int, budget_s: float = 60.0) -> dict[str, Any]:
-  """FLOP/s of a jitted (n, n) @ (n, n) dot in `dtype` (median and best of `repeats`)."""
+def dot_rate(n: int, dtype: str, repeats: int) -> dict[str, Any]:
+  """FLOP/s of a jitted (n, n) @ (n, n) dot in `dtype` (`bench_util.matmul_rate`)."""
   import jax
   import jax.numpy as jnp
 
   a, b = (jax.random.normal(jax.random.key(i), (n, n), jnp.dtype(dtype)) for i in (0, 1))
   f = jax.jit(jnp.dot)
-  jax.block_until_ready(f(a, b))
-  times, cpu, start = [], [], time.perf_counter()
-  for _ in range(repeats):
-    t0, c0 = time.perf_counter(), time.process_time()
-    jax.block_until_ready(f(a, b))
-    times.append(time.perf_counter() - t0)
-    cpu.append(time.process_time() - c0)
-    if time.perf_counter() - start > budget_s:
-      break
-  flops = 2.0 * n**3
-  return {
-    "n": n,
-    "dtype": dtype,
-    "median_flop_s": flops / statistics.median(times),
-    "best_flop_s": flops / min(times),
-    "flop_per_cpu_s": flops / statistics.median(cpu),
-    "times_s": times,
-    "load_avg": os.getloadavg()[0],
-  }
+  return bench_util.matmul_rate(lambda: jax.block_until_ready(f(a, b)), n, dtype, repeats)
 
 
 def run_config(cfg: dict[str, Any], subprocess_mode: bool, timeout: float) -> dict[str, Any]:
   if not subprocess_mode:
     return run_worker(cfg)
-  cmd = [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(cfg)]
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  env = {
-    **os.environ,
-    "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])),
-  }
-  try:
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
-  except subprocess.TimeoutExpired:
-    return {**cfg, "error": f"timed out after {timeout:.0f} s (raise --worker-timeout)"}
-  for line in reversed(proc.stdout.splitlines()):
-    if line.startswith("BENCH_RESULT "):
-      return json.loads(line[len("BENCH_RESULT ") :])
-  tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
-  return {**cfg, "error": f"worker exited {proc.returncode}: " + " | ".join(tail)}
+  return bench_util.run_worker_process(__file__, cfg, timeout)
 
 
 def _variant(switches: dict[str, Any]) -> str:
@@ -637,7 +594,7 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--batch", type=int, default=None, help="override the size's batch")
   p.add_argument("--no-share-block0", action="store_true")
   p.add_argument("--no-cls-only", action="store_true")
-  p.add_argument("--remat", choices=("none", "dots", "full"), default="none")
+  p.add_argument("--remat", choices=("none", "dots", "full"), default="dots")
   p.add_argument("--grad-frozen", action="store_true")
   p.add_argument("--no-donate", action="store_true")
   p.add_argument("--ablate", action="store_true", help="all on vs each switch changed alone")
@@ -656,7 +613,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {args.xla_flags}".strip()
 
   if args.worker:
-    print("BENCH_RESULT " + json.dumps(run_worker(json.loads(args.worker))), flush=True)
+    bench_util.print_result(run_worker(json.loads(args.worker)))
     return 0
 
   import jax

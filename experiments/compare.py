@@ -31,6 +31,7 @@ VARIANTS = {
   "no_reg": ["--config.loss.lambda_reg=0.0"],
   "channel_only": ["--config.model.name=channel"],
   "patch_only": ["--config.model.name=patch"],
+  "bfloat16": ["--config.model.dtype=bfloat16"],  # reference mode, bf16 compute
 }
 
 

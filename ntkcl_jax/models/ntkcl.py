@@ -62,8 +62,11 @@ class ModelSpec:
     remat: what each block application stores for the backward pass (`nn.remat` with a
       `REMAT_POLICIES` policy): "none" stores every activation; "dots" stores the outputs of the
       weight matmuls (QKV, projections, MLP, adapters) and recomputes LayerNorms, GELUs, attention
-      scores and softmax (measured at ViT-B/16: 35 % less planned memory at about the same
-      speed); "full" stores only the block input and recomputes the whole block.
+      scores and softmax; "full" stores only the block input and recomputes the whole block.
+      Measured on the ViT-B/16 train step (2-core CPU, batch 16, `bench_step.py --ablate`):
+      "dots" against "none" takes 0.89x the time and 0.78x the peak memory (0.69x XLA's planned
+      temporaries; less memory traffic outweighs the recomputed elementwise work), "full" 1.05x
+      the time and the same memory as "dots". Hence the default.
   """
 
   vit: ViTSpec = ViTSpec()
@@ -83,7 +86,7 @@ class ModelSpec:
   dtype: Any = jnp.float32
   share_block0: bool = True
   last_block_cls_only: bool = True
-  remat: str = "none"
+  remat: str = "dots"
 
   def __post_init__(self):
     if self.model_name not in MODEL_NAMES:

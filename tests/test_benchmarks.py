@@ -1,0 +1,73 @@
+"""The benchmark scripts run and report consistent quantities (no timing is asserted here).
+
+Speed targets live in the scripts' own output (README "Performance"); these tests only check that
+each script runs end to end on the tiny geometry and that what it reports is self-consistent:
+the analytic FLOP count against XLA's, equal steps per task, fitted exponents present.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _run_json(script: str, *args: str, timeout: float = 900) -> dict:
+  proc = subprocess.run(
+    [sys.executable, str(ROOT / "experiments" / script), *args, "--json"],
+    capture_output=True,
+    text=True,
+    cwd=ROOT,
+    timeout=timeout,
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_bench_step_tiny_reports_matching_flop_counts():
+  out = _run_json(
+    "bench_step.py",
+    *("--size", "tiny", "--ptm", "off", "--repeats", "1", "--no-subprocess"),
+    *("--dot-size", "256", "--dot-repeats", "1"),
+  )
+  assert out["dot_flop_s"]["float32"] > 0
+  by_phase = {r["phase"]: r for r in out["results"]}
+  assert sorted(by_phase) == ["eval", "train"]
+  for phase, r in by_phase.items():
+    assert "error" not in r, r
+    assert r["img_s"] > 0 and r["compile_s"] > 0 and r["peak_rss_bytes"] > 0
+    # XLA counts every matmul the analytic formula counts, plus elementwise ops (one FLOP each):
+    # measured 1.11 (train) and 1.13 (eval) on the tiny geometry, 1.01-1.02 at ViT-B/16.
+    ratio = r["xla_flops_per_img"] / r["analytic_flops_per_img"]
+    assert 1.0 <= ratio <= 1.25, (phase, ratio)
+  assert by_phase["train"]["loss_finite"] is True
+  assert (
+    by_phase["train"]["analytic_flops_per_img"] > 1.4 * by_phase["eval"]["analytic_flops_per_img"]
+  )
+
+
+@pytest.mark.slow
+def test_bench_growth_equal_steps_per_task():
+  out = _run_json(
+    "bench_growth.py",
+    *("--tasks", "3", "--train-per-class", "32", "--test-per-class", "8", "--epochs", "1"),
+  )
+  tasks = out["tasks"]
+  assert [t["task"] for t in tasks] == [0, 1, 2]
+  assert len({t["steps"] for t in tasks}) == 1  # one class per task, same cap
+  assert all(t["seconds"] > 0 and t["rss_bytes"] > 0 for t in tasks)
+  assert out["time_ratio"] >= 1.0 and out["rss_ratio"] >= 1.0
+
+
+@pytest.mark.slow
+def test_bench_ntk_sweep_fits_exponents():
+  out = _run_json("bench_ntk.py", "--sweep-n", "4,8", "--repeats", "1")
+  points = out["points"]
+  assert [p["n"] for p in points] == [4, 8]
+  assert all("error" not in p and p["median_s"] > 0 for p in points)
+  assert isinstance(out["time_exponent"], float) and isinstance(out["memory_exponent"], float)
