@@ -36,13 +36,19 @@ state buffers undonated (train step only). `--ablate` runs, per size and PTM set
 optimisations on (the default) against each one changed alone (`ABLATIONS`; a train-only change
 is measured on the train step only), and prints the ratio table.
 
-Reference figures (official PyTorch NTK-CL, float32, ViT-B/16, batch 16, on the project's 2-core
-CPU machines) are printed next to ours for ViT-B rows; see `REFERENCE`.
+Baselines for the ViT-B float32 rows: `--vs-torch` runs, right after each of our (PTM, phase)
+workers, the same configuration of `bench_torch_reference.py` (the official NTK-CL step's
+computation in PyTorch; needs `pip install torch==2.13.0`) and prints ours/PyTorch ratios of
+images/s and peak RSS from the same run; rounds alternate the order. The figures quoted in the
+performance issue (`REFERENCE`, measured on other 2-core CPUs) are printed too, for orientation.
+
+  python experiments/bench_step.py --size vitb --vs-torch --rounds 2 --json   # side by side
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import itertools
 import json
 import os
@@ -56,7 +62,8 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from experiments import bench_util
 
 REFERENCE = {
-  # (ptm) -> official PyTorch NTK-CL, 2 CPU cores, float32, ViT-B/16, batch 16 (ranges: min, max)
+  # (ptm) -> official PyTorch NTK-CL, 2 CPU cores, float32, ViT-B/16, batch 16 (ranges: min, max),
+  # as quoted by the performance issue (its CPUs: AVX-512/AMX; check `lscpu` for yours)
   False: {"train_img_s": (1.24, 1.33), "eval_img_s": (1.90, 2.05), "peak_rss_gb": 6.6},
   True: {"train_img_s": (1.10, 1.10), "eval_img_s": (1.61, 1.63), "peak_rss_gb": 6.8},
 }
@@ -411,6 +418,16 @@ def dot_rate(n: int, dtype: str, repeats: int) -> dict[str, Any]:
   return bench_util.matmul_rate(lambda: jax.block_until_ready(f(a, b)), n, dtype, repeats)
 
 
+def _run_torch(cfg: dict[str, Any], timeout: float) -> dict[str, Any]:
+  """`bench_torch_reference.py`'s worker for the same size, PTM, phase, repeats and batch (its
+  own process, all CPU threads), tagged as this script's all_on float32 configuration."""
+  keys = ("size", "ptm", "phase", "repeats", "batch")
+  tcfg = {**{k: cfg[k] for k in keys}, "threads": os.cpu_count() or 1}
+  script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench_torch_reference.py")
+  r = bench_util.run_worker_process(script, tcfg, timeout)
+  return {**r, "dtype": "float32", **SWITCH_DEFAULTS, "framework": "torch"}
+
+
 def run_config(cfg: dict[str, Any], subprocess_mode: bool, timeout: float) -> dict[str, Any]:
   if not subprocess_mode:
     return run_worker(cfg)
@@ -489,7 +506,7 @@ def print_reference(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
       }
     )
   if rows:
-    print("\nViT-B/16 float32 batch 16 vs official PyTorch NTK-CL (same 2-core CPUs):")
+    print("\nViT-B/16 float32 batch 16 vs the issue's quoted PyTorch figures (other CPUs):")
     print(
       f"{'ptm':5} {'phase':5} {'ours img/s':>10} {'ref img/s':>11} {'ours/ref':>8} "
       f"{'RSS GB':>6} {'ref GB':>6} {'ratio':>5}"
@@ -499,6 +516,48 @@ def print_reference(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
         f"{x['ptm']!s:5} {x['phase']:5} {x['ours_img_s']:10.3f} "
         f"{x['ref_img_s'][0]:5.2f}-{x['ref_img_s'][1]:<5.2f} {x['speedup_vs_ref_mid']:8.2f} "
         f"{x['ours_peak_rss_gb']:6.2f} {x['ref_peak_rss_gb']:6.1f} {x['rss_ratio']:5.2f}"
+      )
+  return rows
+
+
+def print_vs_torch(results: list[dict[str, Any]], torch_results: list[dict[str, Any]]) -> list:
+  """ours / PyTorch (same run, best round each) of images/s and peak RSS, per PTM and phase."""
+  ours = {
+    (r["size"], r["ptm"], r["phase"]): r
+    for r in best_of_rounds(results)
+    if "error" not in r and r["dtype"] == "float32" and _variant(r) == "all_on"
+  }
+  rows = []
+  for t in best_of_rounds(torch_results):
+    key = (t["size"], t["ptm"], t["phase"])
+    if "error" in t or key not in ours:
+      continue
+    o = ours[key]
+    rows.append(
+      {
+        "size": t["size"],
+        "ptm": t["ptm"],
+        "phase": t["phase"],
+        "ours_img_s": o["img_s"],
+        "torch_img_s": t["img_s"],
+        "speedup": o["img_s"] / t["img_s"],
+        "ours_peak_rss_gb": o["peak_rss_bytes"] / 1e9,
+        "torch_peak_rss_gb": t["peak_rss_bytes"] / 1e9,
+        "rss_ratio": o["peak_rss_bytes"] / t["peak_rss_bytes"],
+        "torch_threads": t["threads"],
+      }
+    )
+  if rows:
+    print("\nSame run, float32: ours (defaults) vs the official step's computation in PyTorch")
+    print(
+      f"{'size':5} {'ptm':5} {'phase':5} {'ours img/s':>10} {'torch img/s':>11} {'speedup':>7} "
+      f"{'RSS GB':>6} {'torch GB':>8} {'ratio':>5}"
+    )
+    for x in rows:
+      print(
+        f"{x['size']:5} {x['ptm']!s:5} {x['phase']:5} {x['ours_img_s']:10.3f} "
+        f"{x['torch_img_s']:11.3f} {x['speedup']:7.2f} {x['ours_peak_rss_gb']:6.2f} "
+        f"{x['torch_peak_rss_gb']:8.2f} {x['rss_ratio']:5.2f}"
       )
   return rows
 
@@ -605,6 +664,9 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--worker-timeout", type=float, default=3600.0)
   p.add_argument("--json", action="store_true", help="print one JSON object on the last line")
   p.add_argument(
+    "--vs-torch", action="store_true", help="time bench_torch_reference.py's step beside ours"
+  )
+  p.add_argument(
     "--xla-flags", default=None, help="extra XLA_FLAGS for this run and its workers (appended)"
   )
   p.add_argument("--worker", help=argparse.SUPPRESS)
@@ -649,7 +711,9 @@ def main(argv: list[str] | None = None) -> int:
       f"{x['best_flop_s'] / 1e9:.1f} best (load {x['load_avg']:.1f})"
     )
 
-  results = []
+  if args.vs_torch and importlib.util.find_spec("torch") is None:
+    p.error("--vs-torch needs PyTorch: pip install torch==2.13.0 (the CPU wheel)")
+  results, torch_results = [], []
   # Rounds alternate the variant order (A B C D, D C B A, ...), so a slow spell on a shared
   # machine does not always hit the same variant; tables use each configuration's best round.
   for rnd in range(args.rounds):
@@ -667,15 +731,22 @@ def main(argv: list[str] | None = None) -> int:
         "batch": args.batch,
         **sw,
       }
-      t0 = time.perf_counter()
-      r = run_config(cfg, not args.no_subprocess, args.worker_timeout)
-      results.append(r)
-      status = r.get("error") or f"{r['img_s']:.3g} img/s"
-      print(
-        f"  [{time.perf_counter() - t0:6.1f} s] round {rnd} {size} ptm={ptm} {dtype} "
-        f"{_variant(sw)} {phase}: {status}",
-        flush=True,
-      )
+      with_torch = args.vs_torch and dtype == "float32" and _variant(sw) == "all_on"
+      frameworks = ["jax", "torch"] if with_torch else ["jax"]
+      for framework in frameworks if rnd % 2 == 0 else frameworks[::-1]:
+        t0 = time.perf_counter()
+        if framework == "jax":
+          r = run_config(cfg, not args.no_subprocess, args.worker_timeout)
+          results.append(r)
+        else:
+          r = _run_torch(cfg, args.worker_timeout)
+          torch_results.append(r)
+        status = r.get("error") or f"{r['img_s']:.3g} img/s"
+        print(
+          f"  [{time.perf_counter() - t0:6.1f} s] round {rnd} {framework} {size} ptm={ptm} "
+          f"{dtype} {_variant(sw)} {phase}: {status}",
+          flush=True,
+        )
 
   dots_after = {d: dot_rate(args.dot_size, d, args.dot_repeats) for d in ("float32", "bfloat16")}
   dots = {
@@ -697,6 +768,7 @@ def main(argv: list[str] | None = None) -> int:
   )
   print_results(results, dots, dots_cpu)
   ref_rows = print_reference(results)
+  torch_rows = print_vs_torch(results, torch_results)
   abl_rows = ablation_table(results) if args.ablate else []
   if args.json:
     print(
@@ -711,6 +783,8 @@ def main(argv: list[str] | None = None) -> int:
           "dot_flop_per_cpu_s": dots_cpu,
           "results": results,
           "reference": ref_rows,
+          "torch_results": torch_results,
+          "vs_torch": torch_rows,
           "ablation": abl_rows,
         }
       )
