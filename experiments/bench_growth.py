@@ -17,7 +17,9 @@ training, EMA, prototypes, evaluation and checkpoint): wall time, the process's 
 (VmRSS) and its high-water mark (VmHWM, = ru_maxrss). Steps per task come from the eval lines'
 cumulative `step`. Task 0 includes data loading and every compilation, so the variation ratios
 (max/min, targets: time < 1.10, memory < 1.05) are computed over tasks 1..T-1; the time ratio is
-given both per task and per training step.
+given both per task and per training step. A max/min ratio also holds the noise of a shared
+machine (one slow task), so the least-squares trend per task (relative to the mean) is printed
+too: growth shows there, noise mostly does not.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ import sys
 import tempfile
 import time
 from typing import Any
+
+import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # `experiments.configs`
 from experiments import bench_util
@@ -72,11 +76,18 @@ def growth_table(records: list[dict[str, Any]], steps_cum: list[int]) -> dict[st
   out: dict[str, Any] = {"tasks": rows}
   if len(later) >= 2:
     ratio = lambda k: max(r[k] for r in later) / min(r[k] for r in later)  # noqa: E731
+
+    def slope(k):  # least-squares change per task, relative to the mean over tasks 1..T-1
+      y = np.array([r[k] for r in later], np.float64)
+      return float(np.polyfit(np.arange(len(y)), y, 1)[0] / y.mean())
+
     out.update(
       time_ratio=ratio("seconds"),
       time_per_step_ratio=ratio("s_per_step"),
       rss_ratio=ratio("rss_bytes"),
       hwm_ratio=ratio("hwm_bytes"),
+      time_slope_per_task=slope("seconds"),
+      rss_slope_per_task=slope("rss_bytes"),
       time_ok=ratio("seconds") < 1.10,
       rss_ok=ratio("rss_bytes") < 1.05,
     )
@@ -148,6 +159,12 @@ def main(argv: list[str] | None = None) -> int:
       f"{'ok' if table['time_ok'] else 'MISSED'}), RSS {table['rss_ratio']:.3f} "
       f"(target < 1.05: {'ok' if table['rss_ok'] else 'MISSED'}), "
       f"high-water {table['hwm_ratio']:.3f}"
+    )
+    print(
+      f"least-squares trend over tasks 1..{len(table['tasks']) - 1}: time "
+      f"{100 * table['time_slope_per_task']:+.2f}% per task, RSS "
+      f"{100 * table['rss_slope_per_task']:+.2f}% per task (0 = flat; the max/min ratios above "
+      "also hold the noise of a shared machine)"
     )
   if args.json:
     print(
