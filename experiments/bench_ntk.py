@@ -15,7 +15,8 @@ call (compilation + one run) is reported apart; then the median of `--repeats` c
 
 The sweep mode times one implementation (`--sweep-impl`, default native:1) on the tiny model for
 each N in a fresh subprocess and reports the median time and the memory the kernel adds (peak RSS
-minus the RSS before the first kernel call, so the interpreter and model do not count), then the
+minus the RSS after building the model once, before the kernel's compilation; so it includes
+compilation and the analysis imports, a fixed part that flattens the fit at small N), then the
 least-squares slope of log(time) and log(memory) on log(N): the fitted exponents (Θ is (N, N), the
 Jacobians (N·k, P): expect between 1 and 2).
 

@@ -36,7 +36,7 @@ state buffers undonated (train step only). `--ablate` runs, per size and PTM set
 optimisations on (the default) against each one changed alone (`ABLATIONS`; a train-only change
 is measured on the train step only), and prints the ratio table.
 
-Baselines for the ViT-B float32 rows: `--vs-torch` runs, right after each of our (PTM, phase)
+Baselines for the float32 all_on rows: `--vs-torch` runs, right after each of our (PTM, phase)
 workers, the same configuration of `bench_torch_reference.py` (the official NTK-CL step's
 computation in PyTorch; needs `pip install torch==2.13.0`) and prints ours/PyTorch ratios of
 images/s and peak RSS from the same run; rounds alternate the order. The figures quoted in the
@@ -678,6 +678,11 @@ def main(argv: list[str] | None = None) -> int:
     bench_util.print_result(run_worker(json.loads(args.worker)))
     return 0
 
+  if args.vs_torch and importlib.util.find_spec("torch") is None:
+    p.error("--vs-torch needs PyTorch: pip install torch==2.13.0 (the CPU wheel)")
+  if args.vs_torch and args.no_subprocess:
+    p.error("--vs-torch compares per-process peak memory: drop --no-subprocess")
+
   import jax
 
   dtypes = [d.strip() for d in args.dtype.split(",") if d.strip()]
@@ -711,8 +716,6 @@ def main(argv: list[str] | None = None) -> int:
       f"{x['best_flop_s'] / 1e9:.1f} best (load {x['load_avg']:.1f})"
     )
 
-  if args.vs_torch and importlib.util.find_spec("torch") is None:
-    p.error("--vs-torch needs PyTorch: pip install torch==2.13.0 (the CPU wheel)")
   results, torch_results = [], []
   # Rounds alternate the variant order (A B C D, D C B A, ...), so a slow spell on a shared
   # machine does not always hit the same variant; tables use each configuration's best round.

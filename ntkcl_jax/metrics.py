@@ -241,8 +241,8 @@ class MetricWriter:
   With ``tensorboard_dir`` set and the optional ``tensorboardX`` package installed, every record
   written with a ``step`` also goes to TensorBoard event files there: each finite scalar field as
   ``"{kind}/{field}"`` at that step (lists, strings and nulls are JSON-only). ``purge_step`` (the
-  step a resumed run restarts from) makes TensorBoard drop the events an interrupted run wrote
-  past it, as the JSON file is truncated to the checkpoint. Without ``tensorboardX`` the writer
+  first step a resumed run writes) makes TensorBoard hide the events an earlier attempt wrote at
+  that step or later, as the JSON file is truncated to the checkpoint. Without ``tensorboardX`` the writer
   says so once in the log and writes JSON only.
   """
 

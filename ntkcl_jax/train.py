@@ -99,6 +99,12 @@ def _write_json(path: pathlib.Path, obj: Any) -> None:
   os.replace(tmp, path)
 
 
+# Keys that change what a run writes beside its results, never the results: free on resume.
+_OUTPUT_ONLY_KEYS = ("train.tensorboard",)
+# Keys added to the schema later, with the value that behaves like the code before them.
+_SCHEMA_ADDITIONS = {"model.remat": "none"}
+
+
 def check_workdir_config(workdir: pathlib.Path, config: ml_collections.ConfigDict, write: bool):
   """Writes `config.json` on first use; refuses a workdir created with a different config.
 
@@ -111,12 +117,14 @@ def check_workdir_config(workdir: pathlib.Path, config: ml_collections.ConfigDic
   has_run = ckpt_dir.is_dir() and any(p.name.isdigit() for p in ckpt_dir.iterdir())
   if path.exists() and has_run:
     previous = json.loads(path.read_text())
-    defaults = config_lib.flat_config(config_lib.base_config())
-    # A key added to the schema after the workdir was created matches when it holds its default.
+    # A key added to the schema after the workdir was created matches when it holds the value
+    # that reproduces the older code (its default, or `_SCHEMA_ADDITIONS`); output-only keys
+    # never bind a workdir.
+    before = {**config_lib.flat_config(config_lib.base_config()), **_SCHEMA_ADDITIONS}
     diff = [
       k
       for k in config_lib.config_diff(previous, flat)
-      if k in previous or flat.get(k) != defaults.get(k)
+      if k not in _OUTPUT_ONLY_KEYS and (k in previous or flat.get(k) != before.get(k))
     ]
     if diff:
       shown = ", ".join(f"{k}: {previous.get(k)!r} -> {flat.get(k)!r}" for k in diff[:8])
@@ -281,7 +289,8 @@ def run(
     metrics_path,
     enabled=is_writer,
     tensorboard_dir=workdir / "tensorboard" if config.train.tensorboard else None,
-    purge_step=progress.total_steps if rerun else None,
+    # the resumed run writes from step total_steps + 1; lines at total_steps are kept
+    purge_step=progress.total_steps + 1 if rerun else None,
   )
   elapsed_before = progress.wall_time_s
 
@@ -478,8 +487,10 @@ def run(
       predict_t, stream, t, eval_batch, mesh, top5=config.data.num_classes > 10
     )
     progress.stages.append(stage)
+    # TensorBoard step: the global step (the task index for methods that take no steps)
     writer.write(
-      {"kind": "eval", "task": t, "step": progress.total_steps, **stage}, step=progress.total_steps
+      {"kind": "eval", "task": t, "step": progress.total_steps, **stage},
+      step=progress.total_steps or t,
     )
     log.info("task %d: A_t %.2f, row %s", t, stage["A"], np.round(stage["R_row"], 2).tolist())
     state["reg_snapshot"] = reg_targets(state["train"].params)
@@ -493,7 +504,7 @@ def run(
   A = [s["A"] for s in progress.stages]
   final = metrics.final_metrics(R, A)
   wall = elapsed_before + time.time() - t_start
-  writer.write({"kind": "final", **final}, step=progress.total_steps)
+  writer.write({"kind": "final", **final}, step=progress.total_steps or num_tasks - 1)
   summary = {
     "accuracy_matrix": final["R"],
     **{k: final[k] for k in ("avg_acc", "last_acc", "forgetting", "bwt")},

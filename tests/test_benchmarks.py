@@ -8,6 +8,7 @@ the analytic FLOP count against XLA's, equal steps per task, fitted exponents pr
 from __future__ import annotations
 
 import json
+import math
 import pathlib
 import subprocess
 import sys
@@ -61,7 +62,8 @@ def test_bench_growth_equal_steps_per_task():
   assert [t["task"] for t in tasks] == [0, 1, 2]
   assert len({t["steps"] for t in tasks}) == 1  # one class per task, same cap
   assert all(t["seconds"] > 0 and t["rss_bytes"] > 0 for t in tasks)
-  assert out["time_ratio"] >= 1.0 and out["rss_ratio"] >= 1.0
+  for key in ("time_slope_per_task", "rss_slope_per_task"):  # trend fits of tasks 1..2
+    assert math.isfinite(out[key]), key
 
 
 @pytest.mark.slow
@@ -70,4 +72,6 @@ def test_bench_ntk_sweep_fits_exponents():
   points = out["points"]
   assert [p["n"] for p in points] == [4, 8]
   assert all("error" not in p and p["median_s"] > 0 for p in points)
-  assert isinstance(out["time_exponent"], float) and isinstance(out["memory_exponent"], float)
+  # Θ costs at least linear in N and at most quadratic; memory grows with N
+  assert 0.5 < out["time_exponent"] < 2.5, out["time_exponent"]
+  assert 0.0 < out["memory_exponent"] < 2.5, out["memory_exponent"]

@@ -7,6 +7,7 @@ cache, so only the first one compiles.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import pathlib
@@ -22,6 +23,7 @@ from PIL import Image
 
 from ntkcl_jax import config as config_lib
 from tests import tiny_configs as tc
+from tests.test_metrics import tensorboard_scalars
 
 
 @pytest.fixture(scope="module")
@@ -135,6 +137,11 @@ def test_sigkill_mid_task_then_resume_is_bit_identical(reference, cache, tmp_pat
   want_lines = [tc.without_timing(x) for x in tc.read_jsonl(reference / "metrics.jsonl")]
   got_lines = [tc.without_timing(x) for x in tc.read_jsonl(workdir / "metrics.jsonl")]
   assert got_lines == want_lines  # train losses bit-identical; lines after the checkpoint dropped
+  if importlib.util.find_spec("tensorboardX") is not None:
+    # TensorBoard shows the same scalars: the killed run's events past the checkpoint are purged.
+    got_tb = tensorboard_scalars(workdir / "tensorboard")
+    assert got_tb == tensorboard_scalars(reference / "tensorboard")
+    assert len(got_tb["train/total"]) == len([x for x in want_lines if x["kind"] == "train"])
 
   # The final states (params, optimiser, EMA bank, prototypes) are bit-identical too.
   want_state, _ = tc.read_checkpoint(reference)

@@ -169,9 +169,14 @@ def _tensorboard_events(logdir) -> list:
 
 
 def tensorboard_scalars(logdir) -> dict[str, list[tuple[int, float]]]:
-  """{tag: [(step, value), ...]} of the scalar summaries under `logdir`."""
+  """{tag: [(step, value), ...]} of the scalar summaries under `logdir` that TensorBoard shows:
+  a session START event at step s (a resumed run's purge marker) hides earlier points at >= s."""
+  from tensorboardX.proto.event_pb2 import SessionLog
+
   out: dict[str, list[tuple[int, float]]] = {}
   for event in _tensorboard_events(logdir):
+    if event.session_log.status == SessionLog.START:
+      out = {tag: [(s, v) for s, v in pts if s < event.step] for tag, pts in out.items()}
     for value in event.summary.value:
       out.setdefault(value.tag, []).append((event.step, value.simple_value))
   return out

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import subprocess
 import sys
 
@@ -151,7 +152,29 @@ def test_baseline_method_runs(method, tmp_path):
     # among its task's 2: accuracy on task 0 cannot rise.
     assert R[1, 0] <= R[0, 0] and summary["forgetting"] >= 0
     assert tc.read_checkpoint(tmp_path)[0]["prototypes"].shape == (4, 16)  # D = backbone width
+    if importlib.util.find_spec("tensorboardX") is not None:  # no steps: evals at task indices
+      scalars = tensorboard_scalars(tmp_path / "tensorboard")
+      assert [s for s, _ in scalars["eval/A"]] == [0, 1] and scalars["final/avg_acc"][0][0] == 1
   else:  # seq_finetune: linear head + current adapters, cross-entropy only
     assert [(x["task"], x["step"]) for x in train_lines] == [(0, 1), (0, 2), (1, 1), (1, 2)]
     assert all(set(x) >= {"ce_linear", "total"} and "mi" not in x for x in train_lines)
     assert all(np.isfinite(x["total"]) for x in train_lines)
+
+
+def test_workdir_check_frees_output_only_keys_and_reads_old_schemas(tmp_path):
+  """A bound workdir accepts another `train.tensorboard` (output only) and a config.json written
+  before `model.remat` existed when the run asks for the old behaviour ("none"); it refuses a
+  result-changing difference, naming the key."""
+  config = tc.tiny_config()
+  config.model.remat = "none"
+  train.check_workdir_config(tmp_path, config, write=True)
+  (tmp_path / "checkpoints" / "7").mkdir(parents=True)  # the workdir now holds a run
+  path = tmp_path / "config.json"
+  old = json.loads(path.read_text())
+  del old["model.remat"]  # as written by the code before the key existed
+  path.write_text(json.dumps(old))
+  config.train.tensorboard = not config.train.tensorboard
+  train.check_workdir_config(tmp_path, config, write=True)  # accepted
+  config.model.remat = "dots"
+  with pytest.raises(train.WorkdirMismatchError, match=re.escape("model.remat: None -> 'dots'")):
+    train.check_workdir_config(tmp_path, config, write=True)
