@@ -25,6 +25,8 @@ from typing import Any
 
 import numpy as np
 
+from ntkcl_jax.report import pyplot, save_figure
+
 __all__ = ["find_analysis_dir", "write_all"]
 
 PROJ = "[PROJ] project formulation, not the paper's theorem"
@@ -40,15 +42,6 @@ def find_analysis_dir(workdir: str | pathlib.Path) -> pathlib.Path:
     f"No ntk.jsonl or ntk_*.npz under {workdir} or {workdir / 'analysis'}; run with "
     "--config.analysis.enabled=True or analysis.hook.measure_checkpoint first."
   )
-
-
-def _plt():
-  import matplotlib
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
-  return plt
 
 
 def _arr(x) -> np.ndarray:
@@ -80,7 +73,7 @@ def _read_summary(out_dir: pathlib.Path) -> Mapping[str, Any] | None:
 
 def plot_kernel(npz_path: pathlib.Path, out_path: pathlib.Path) -> pathlib.Path:
   """Θ̃(x, x') = Θ / sqrt(Θ(x, x) Θ(x', x')) with each task's block (train + test rows) outlined."""
-  plt = _plt()
+  plt = pyplot()
   with np.load(npz_path, allow_pickle=False) as z:
     theta, tasks, point = z["theta"], z["task_of_row"], str(z["point"])
   d = np.sqrt(np.clip(np.diag(theta), 1e-300, None))
@@ -95,15 +88,13 @@ def plot_kernel(npz_path: pathlib.Path, out_path: pathlib.Path) -> pathlib.Path:
   ax.set_xlabel("probe row")
   ax.set_ylabel("probe row")
   fig.colorbar(im, ax=ax, fraction=0.046)
-  fig.tight_layout()
-  fig.savefig(out_path, dpi=100)
-  plt.close(fig)
+  save_figure(fig, out_path)
   return out_path
 
 
 def plot_rho_bar(records: list[dict[str, Any]], out_path: pathlib.Path) -> pathlib.Path:
   """ρ̄ over all tasks and over the tasks seen so far, at each measurement."""
-  plt = _plt()
+  plt = pyplot()
   x = [r.get("task", -1) for r in records]
   fig, ax = plt.subplots(figsize=(5, 3.5))
   ax.plot(x, [_arr(r.get("mean_inter_ratio_all")) for r in records], "k-o", label="ρ̄, all tasks")
@@ -114,9 +105,7 @@ def plot_rho_bar(records: list[dict[str, Any]], out_path: pathlib.Path) -> pathl
   ax.set_ylim(0, 1.05)
   ax.set_title(f"Inter- vs intra-task kernel mass\n{PROJ}", fontsize=8)
   ax.legend(fontsize=7)
-  fig.tight_layout()
-  fig.savefig(out_path, dpi=100)
-  plt.close(fig)
+  save_figure(fig, out_path)
   return out_path
 
 
@@ -125,7 +114,7 @@ def plot_forgetting(ntk: Mapping[str, Any], out_path: pathlib.Path) -> pathlib.P
   f = ntk.get("forgetting") or {}
   if "measured" not in f or not f.get("predicted"):
     return None
-  plt = _plt()
+  plt = pyplot()
   pred, meas = _arr(f["predicted"]), _arr(f["measured"])
   fig, ax = plt.subplots(figsize=(4.6, 3.8))
   ax.scatter(pred, meas, c="C0")
@@ -136,9 +125,7 @@ def plot_forgetting(ntk: Mapping[str, Any], out_path: pathlib.Path) -> pathlib.P
   ax.set_ylabel("measured forgetting (pp)")
   r, rho = _arr(corr.get("pearson")), _arr(corr.get("spearman"))
   ax.set_title(f"Pearson {float(r):.2f}, Spearman {float(rho):.2f}\n{PROJ}", fontsize=8)
-  fig.tight_layout()
-  fig.savefig(out_path, dpi=100)
-  plt.close(fig)
+  save_figure(fig, out_path)
   return out_path
 
 
@@ -155,7 +142,7 @@ def plot_sweep(entries, xlabel: str, out_path: pathlib.Path, *, logx: bool) -> p
   """Task-averaged gap terms of a stored sweep vs the swept value."""
   if not entries:
     return None
-  plt = _plt()
+  plt = pyplot()
   x = _arr([e["value"] for e in entries])
   fig, ax = plt.subplots(figsize=(5, 3.6))
   for i, (key, label) in enumerate(_GAP_KEYS):
@@ -171,9 +158,7 @@ def plot_sweep(entries, xlabel: str, out_path: pathlib.Path, *, logx: bool) -> p
   ax.set_ylabel("mean over tasks")
   ax.set_title(f"Gap terms vs {xlabel}\n{PROJ}", fontsize=8)
   ax.legend(fontsize=6)
-  fig.tight_layout()
-  fig.savefig(out_path, dpi=100)
-  plt.close(fig)
+  save_figure(fig, out_path)
   return out_path
 
 

@@ -710,11 +710,8 @@ def main(argv: list[str] | None = None) -> int:
     f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}"
   )
   dots_before = {d: dot_rate(args.dot_size, d, args.dot_repeats) for d in ("float32", "bfloat16")}
-  for d, x in dots_before.items():
-    print(
-      f"dot {x['n']}^3 {d}: {x['median_flop_s'] / 1e9:.1f} GFLOP/s median, "
-      f"{x['best_flop_s'] / 1e9:.1f} best (load {x['load_avg']:.1f})"
-    )
+  for x in dots_before.values():
+    print(bench_util.rate_line(x, "before"))
 
   results, torch_results = [], []
   # Rounds alternate the variant order (A B C D, D C B A, ...), so a slow spell on a shared
@@ -752,16 +749,11 @@ def main(argv: list[str] | None = None) -> int:
         )
 
   dots_after = {d: dot_rate(args.dot_size, d, args.dot_repeats) for d in ("float32", "bfloat16")}
-  dots = {
-    d: max(dots_before[d]["median_flop_s"], dots_after[d]["median_flop_s"]) for d in dots_before
-  }
-  dots_cpu = {
-    d: max(dots_before[d]["flop_per_cpu_s"], dots_after[d]["flop_per_cpu_s"]) for d in dots_before
-  }
-  for d, x in dots_after.items():
-    print(
-      f"dot {d} after: {x['median_flop_s'] / 1e9:.1f} GFLOP/s median (load {x['load_avg']:.1f})"
-    )
+  larger = {d: bench_util.larger_rate(dots_before[d], dots_after[d]) for d in dots_before}
+  dots = {d: rate for d, (rate, _) in larger.items()}
+  dots_cpu = {d: per_cpu for d, (_, per_cpu) in larger.items()}
+  for x in dots_after.values():
+    print(bench_util.rate_line(x, "after"))
   print(
     "\nGFLOP/s and /dot32 use the analytic count and the larger of the two float32 dot medians "
     f"({dots['float32'] / 1e9:.1f} GFLOP/s); RSS = peak host RSS of the phase's own process "

@@ -812,10 +812,7 @@ def main(argv: list[str] | None = None) -> int:
     f"{threads} torch threads, load average {os.getloadavg()}"
   )
   dot_before = dot_rate(args.dot_size, args.dot_repeats)
-  print(
-    f"dot {args.dot_size}^3 float32: {dot_before['median_flop_s'] / 1e9:.1f} GFLOP/s median, "
-    f"{dot_before['best_flop_s'] / 1e9:.1f} best (load {dot_before['load_avg']:.1f})"
-  )
+  print(bench_util.rate_line(dot_before, "before"))
 
   results = []
   configs = list(itertools.product(ptms, phases))
@@ -840,12 +837,8 @@ def main(argv: list[str] | None = None) -> int:
       )
 
   dot_after = dot_rate(args.dot_size, args.dot_repeats)
-  dot = max(dot_before["median_flop_s"], dot_after["median_flop_s"])
-  dot_cpu = max(dot_before["flop_per_cpu_s"], dot_after["flop_per_cpu_s"])
-  print(
-    f"dot float32 after: {dot_after['median_flop_s'] / 1e9:.1f} GFLOP/s median "
-    f"(load {dot_after['load_avg']:.1f})"
-  )
+  dot, dot_cpu = bench_util.larger_rate(dot_before, dot_after)
+  print(bench_util.rate_line(dot_after, "after"))
   print(
     "\nOfficial NTK-CL structure in PyTorch (no block-0 sharing, full last block, per-step SVD). "
     f"GFLOP/s and /dot32 use the analytic matmul count and the larger float32 dot median "

@@ -69,6 +69,23 @@ def matmul_rate(
   }
 
 
+def rate_line(rate: dict[str, Any], when: str) -> str:
+  """One printed line for a `matmul_rate` result measured `when` ("before", "after")."""
+  return (
+    f"dot {rate['n']}^3 {rate['dtype']} {when}: {rate['median_flop_s'] / 1e9:.1f} GFLOP/s median, "
+    f"{rate['best_flop_s'] / 1e9:.1f} best (load {rate['load_avg']:.1f})"
+  )
+
+
+def larger_rate(before: dict[str, Any], after: dict[str, Any]) -> tuple[float, float]:
+  """(median FLOP/s, FLOPs per CPU-second), each the larger of two `matmul_rate` results: other
+  jobs on a shared machine only ever slow a measurement down."""
+  return (
+    max(before["median_flop_s"], after["median_flop_s"]),
+    max(before["flop_per_cpu_s"], after["flop_per_cpu_s"]),
+  )
+
+
 def run_worker_process(script: str, cfg: dict[str, Any], timeout: float) -> dict[str, Any]:
   """Runs `python script --worker <cfg json>` and returns its BENCH_RESULT (or an "error")."""
   cmd = [sys.executable, os.path.abspath(script), "--worker", json.dumps(cfg)]

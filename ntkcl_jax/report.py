@@ -21,13 +21,26 @@ def results_table(summary: dict[str, Any]) -> str:
   return "\n".join(lines)
 
 
-def write_plots(summary: dict[str, Any], out_dir: str | pathlib.Path) -> list[pathlib.Path]:
-  """accuracy_matrix.png (R heatmap) and accuracy_per_task.png (A_t and each task's R[·, i])."""
+def pyplot():
+  """`matplotlib.pyplot` on the non-interactive Agg backend (files only, no display needed)."""
   import matplotlib
 
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
+  return plt
+
+
+def save_figure(fig, path: str | pathlib.Path) -> None:
+  """Lays out, writes (100 dpi) and closes `fig`."""
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  pyplot().close(fig)
+
+
+def write_plots(summary: dict[str, Any], out_dir: str | pathlib.Path) -> list[pathlib.Path]:
+  """accuracy_matrix.png (R heatmap) and accuracy_per_task.png (A_t and each task's R[·, i])."""
+  plt = pyplot()
   out_dir = pathlib.Path(out_dir)
   R = np.array([[np.nan if v is None else v for v in row] for row in summary["accuracy_matrix"]])
   T = R.shape[0]
@@ -42,9 +55,7 @@ def write_plots(summary: dict[str, Any], out_dir: str | pathlib.Path) -> list[pa
   ax.set_ylabel("after training task l")
   ax.set_title(f"R[l, i] (%), {summary.get('method', '')}")
   fig.colorbar(im, ax=ax)
-  fig.tight_layout()
-  fig.savefig(paths[0], dpi=100)
-  plt.close(fig)
+  save_figure(fig, paths[0])
 
   fig, ax = plt.subplots(figsize=(5, 3.5))
   stages = np.arange(T)
@@ -55,7 +66,5 @@ def write_plots(summary: dict[str, Any], out_dir: str | pathlib.Path) -> list[pa
   ax.set_ylabel("top-1 accuracy (%)")
   ax.set_ylim(0, 100)
   ax.legend(fontsize=7, ncol=2)
-  fig.tight_layout()
-  fig.savefig(paths[1], dpi=100)
-  plt.close(fig)
+  save_figure(fig, paths[1])
   return paths
