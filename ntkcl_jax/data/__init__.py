@@ -15,10 +15,12 @@ from ntkcl_jax.data.sources import (
   TFDSSource,
   animal_mnist,
   cap_per_class,
+  check_membership,
   domainnet_yaml,
   fashion_mnist,
   make_source,
   manifest_hash,
+  membership,
   source_manifest_hash,
 )
 from ntkcl_jax.data.stream import TaskStream, global_batch
@@ -35,6 +37,7 @@ __all__ = [
   "TaskStream",
   "animal_mnist",
   "cap_per_class",
+  "check_membership",
   "class_order",
   "domainnet_yaml",
   "fashion_mnist",
@@ -42,6 +45,7 @@ __all__ = [
   "label_to_task",
   "make_source",
   "manifest_hash",
+  "membership",
   "relabel",
   "source_manifest_hash",
   "task_splits",

@@ -6,9 +6,9 @@ import shutil
 
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
 
-from ntkcl_jax.data import sources
 from ntkcl_jax.data.sources import (
   ArraySource,
   ImageFolderSource,
@@ -22,6 +22,8 @@ from ntkcl_jax.data.sources import (
   manifest_hash,
   source_manifest_hash,
 )
+from ntkcl_jax.data.sources import arrays as arrays_module
+from ntkcl_jax.data.sources import domainnet as domainnet_yaml_module
 
 FASHION_DIR = pathlib.Path("/usr/share/datasets/fashion-mnist")
 
@@ -135,18 +137,43 @@ def test_domainnet_yaml_rebases_paths(tmp_path):
     domainnet_yaml(tmp_path / "domainnet_train.yaml", tmp_path / "wrong_root", num_classes=3)
 
 
-def test_yaml_tiny_parser_matches_pyyaml_and_falls_back(tmp_path):
-  yaml = pytest.importorskip("yaml")
-  assert sources._parse_yaml_lists(DOMAINNET_YAML) == {
-    k: [str(v) for v in vs] for k, vs in yaml.safe_load(DOMAINNET_YAML).items()
-  }
-  flow = "{data: [clipart/zebra/clipart_1.png], targets: [0]}\n"
-  with pytest.raises(sources._YamlFormatError):
-    sources._parse_yaml_lists(flow)
+def test_domainnet_yaml_round_trips_block_and_flow_styles(tmp_path):
+  """A split file written by PyYAML (block or flow lists, as the reference's files may be) reads back
+  to the same paths and targets."""
   _domainnet_tree(tmp_path)
-  (tmp_path / "flow.yaml").write_text(flow)  # PyYAML fallback
-  src = domainnet_yaml(tmp_path / "flow.yaml", tmp_path, num_classes=1)
-  assert src.class_names == ["zebra"] and len(src) == 1
+  data = ["/old/clipart/zebra/clipart_1.png", "real/apple/real_1.png", "sketch/zebra/sketch_1.png"]
+  targets = [0, 1, 0]
+  for flow in (False, True):
+    path = tmp_path / f"split_{flow}.yaml"
+    path.write_text(yaml.safe_dump({"data": data, "targets": targets}, default_flow_style=flow))
+    assert domainnet_yaml_module.load_split_yaml(path) == (data, targets)
+    src = domainnet_yaml(path, tmp_path, num_classes=2)
+    assert src.example_keys() == [
+      "clipart/zebra/clipart_1.png",
+      "real/apple/real_1.png",
+      "sketch/zebra/sketch_1.png",
+    ]
+    np.testing.assert_array_equal(src.labels, targets)
+    assert src.class_names == ["zebra", "apple"]
+
+
+@pytest.mark.parametrize(
+  ("text", "match"),
+  [
+    ("data: [a.png, b.png\ntargets: [0, 1]\n", r"(?s)is not valid YAML.*line 2, column 8"),
+    ("data:\n- a.png\n", r"keys 'data' .* and 'targets'.*found \['data'\]"),
+    ("- a.png\n- b.png\n", r"must be a mapping .*found list"),
+    ("data: a.png\ntargets: 0\n", "is not a list"),
+    ("data: [a.png]\ntargets: [zebra]\n", r"'targets' must be ints; found \['zebra'\]"),
+    ("data: [a.png, b.png]\ntargets: [0]\n", "2 paths but 1 targets"),
+  ],
+)
+def test_domainnet_yaml_malformed_files_name_the_problem(tmp_path, text, match):
+  path = tmp_path / "domainnet_train.yaml"
+  path.write_text(text)
+  with pytest.raises(ValueError, match=match) as info:
+    domainnet_yaml(path, tmp_path, num_classes=2, check_files=False)
+  assert str(path) in str(info.value)
 
 
 def test_array_source_grayscale_and_batches():
@@ -176,7 +203,7 @@ def test_animal_mnist_split():
   assert img.shape == (28, 28, 3) and img.dtype == np.uint8
   assert np.array_equal(img[..., 0], img[..., 2])
   # the documented recipe, recomputed here from the raw arrays
-  _, raw_labels = sources._load_animal_mnist_arrays()
+  _, raw_labels = arrays_module._load_animal_mnist_arrays()
   rng = np.random.RandomState(12345)
   expected_test = []
   for c in range(10):
