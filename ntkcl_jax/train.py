@@ -33,6 +33,7 @@ from ntkcl_jax.baselines import (
 )
 from ntkcl_jax.checkpoint import RunCheckpoints
 from ntkcl_jax.data import TaskStream, cap_per_class, class_order, make_source
+from ntkcl_jax.data.sources import check_membership, membership
 from ntkcl_jax.ema import ema_update
 from ntkcl_jax.evaluate import batched_apply, class_means, drift_compensation, evaluate_stage
 from ntkcl_jax.hooks import TaskHook, TaskView
@@ -270,6 +271,7 @@ def run(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=repl), state
     )
     state, meta = ckpts.restore(latest, abstract)
+    check_membership(meta.get("data_membership"), membership(stream.train, stream.test), workdir)
     progress = _Run(**meta["progress"])
     log.info(
       "Resuming from checkpoint %d: task %d epoch %d step %d",
@@ -302,6 +304,7 @@ def run(
       "progress": dataclasses.asdict(progress),
       "config_hash": config_lib.config_hash(config),
       "class_order": stream.order.tolist(),
+      "data_membership": membership(stream.train, stream.test),  # checked on resume (SPEC 6, 8)
       "quirks": dataclasses.asdict(quirks),
     }
     if ckpts:
