@@ -51,8 +51,6 @@ def test_resume_refuses_changed_membership_and_keeps_checkpoints(tmp_path, monke
   train.run(config, workdir)
   ckpt_dir = workdir / "checkpoints"
   ckpts_before, metrics_before = _files(ckpt_dir), (workdir / "metrics.jsonl").read_bytes()
-  metas = sorted(ckpt_dir.glob("*/meta/metadata"))
-  assert metas and all("data_membership" in json.loads(p.read_text()) for p in metas)
 
   # Same config, other data: the train split loses its first image (as when a file disappears
   # from an ImageFolder tree), so the capped split takes the next image of that class instead.
@@ -70,6 +68,8 @@ def test_resume_refuses_changed_membership_and_keeps_checkpoints(tmp_path, monke
   assert _files(ckpt_dir) == ckpts_before  # nothing written, nothing removed
   assert (workdir / "metrics.jsonl").read_bytes() == metrics_before
   monkeypatch.undo()
+  metas = sorted(ckpt_dir.glob("*/meta/metadata"))
+  assert metas and all("data_membership" in json.loads(p.read_text()) for p in metas)
 
   # A checkpoint written before membership was recorded (no key in its meta) still resumes.
   for path in metas:
