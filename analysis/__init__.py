@@ -5,7 +5,8 @@ paper's theorems are unknown ([UNK], SPEC 9). Importing this package needs neith
 neural-tangents (`nt_compat.install()` is only called by the `neural_tangents` backend) nor
 matplotlib (`analysis.plots` imports it inside its functions).
 
-Modules: `ntk` (empirical_ntk_fn), `nt_compat`, `cl_kernels` (ρ, q, predictor, gap terms, sweeps),
+Modules: `ntk` (empirical_ntk_fn; its internals in `ntk_kernels`, `ntk_dispatch`), `nt_compat`,
+`cl_kernels` (package: layout, blocks ρ and q, predictor, gap terms and sweeps, dynamics),
 `probes` (probe sets), `measure` (the SPEC 7.1 function and one measurement), `summary` (the
 summary.json section), `hook` (training hook, standalone runners), `plots` (figures).
 """

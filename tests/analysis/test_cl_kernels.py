@@ -1,4 +1,4 @@
-"""Tests for analysis/cl_kernels.py (SPEC 7.4-7.7): exactness against a model linear in its parameters."""
+"""Tests for analysis/cl_kernels/ (SPEC 7.4-7.7): exactness against a model linear in its parameters."""
 
 import math
 
@@ -8,6 +8,7 @@ import scipy.linalg
 import scipy.stats
 
 from analysis import cl_kernels as ck
+from analysis.cl_kernels.predictor import _cl_metrics, _step_acc
 
 NUM_TASKS, CLASSES_PER_TASK, N_TR, N_TE, WIDTH = 3, 2, 8, 6, 40
 RANGES = [(CLASSES_PER_TASK * t, CLASSES_PER_TASK) for t in range(NUM_TASKS)]
@@ -105,7 +106,7 @@ def test_predictor_equals_linear_model_trained_task_by_task(centered, lambda_rel
   np.testing.assert_array_equal(res.accuracy, r_measured)
   assert np.isnan(res.accuracy[0, 1]) and np.isnan(res.forgetting[0, 2])
   assert res.accuracy[0, 0] > 60.0  # a learnable toy problem, so R-hat is informative
-  assert res.metrics == ck._cl_metrics(r_measured, np.full(NUM_TASKS, N_TE))
+  assert res.metrics == _cl_metrics(r_measured, np.full(NUM_TASKS, N_TE))
 
 
 def test_drift_is_the_sum_of_cross_kernel_increments():
@@ -262,13 +263,13 @@ def test_mean_inter_ratio_and_retention():
 # ------------------------------------------------------------------------------------------------
 def test_cl_metrics_hand_computed():
   r = np.array([[80.0, np.nan, np.nan], [90, 70, np.nan], [60, 65, 50]])  # R[1, 0] > R[0, 0]
-  m = ck._cl_metrics(r, np.array([10, 10, 20]))
+  m = _cl_metrics(r, np.array([10, 10, 20]))
   a = [80.0, 80.0, (60 * 10 + 65 * 10 + 50 * 20) / 40]
   assert m["avg_acc"] == pytest.approx(np.mean(a))
   assert m["last_acc"] == pytest.approx(a[-1])
   assert m["forgetting"] == pytest.approx(((90 - 60) + (70 - 65)) / 2)  # max over l in {0, 1}
   assert m["bwt"] == pytest.approx(((60 - 80) + (65 - 70)) / 2)
-  one = ck._cl_metrics(r[:1, :1], np.array([10]))
+  one = _cl_metrics(r[:1, :1], np.array([10]))
   assert one["bwt"] == 0.0 and one["forgetting"] == 0.0 and one["last_acc"] == 80.0
 
 
@@ -493,10 +494,10 @@ def test_metrics_fn_is_swappable_and_local_helpers_match_ntkcl_jax_metrics():
 
   def shared(r, n_test):
     seen["n_test"] = n_test
-    return metrics.final_metrics(r, ck._step_acc(r, n_test))
+    return metrics.final_metrics(r, _step_acc(r, n_test))
 
   res = ck.sequential_kernel_predictor(kernel, lambda_rel=1e-3, metrics_fn=shared)
   np.testing.assert_array_equal(seen["n_test"], [N_TE] * NUM_TASKS)
-  local = ck._cl_metrics(res.accuracy, seen["n_test"])
+  local = _cl_metrics(res.accuracy, seen["n_test"])
   for key in ("avg_acc", "last_acc", "forgetting", "bwt"):
     assert res.metrics[key] == pytest.approx(local[key], abs=1e-12)
