@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pathlib
 
 import numpy as np
 import pytest
@@ -94,5 +95,61 @@ def test_summary_argument_and_missing_files(tmp_path):
     plots.write_all(tmp_path / "empty")
 
 
-def test_titles_say_proj():
-  assert "[PROJ]" in plots.PROJ and "not the paper" in plots.PROJ
+def test_plotted_data_matches_the_files(tmp_path, monkeypatch):
+  """What each figure draws, read from its artists, equals what the files hold; the PNGs have the
+  figure's pixel size, are not blank, and every title says [PROJ]."""
+  import matplotlib.image
+
+  figures = {}
+  real_save = plots.save_figure
+
+  def capture(fig, path):  # the artists stay readable after the figure is closed
+    figures[pathlib.Path(path).name] = fig
+    real_save(fig, path)
+
+  monkeypatch.setattr(plots, "save_figure", capture)
+  out = tmp_path / "analysis"
+  points = synthetic_run(out)
+  paths = plots.write_all(tmp_path)
+  assert sorted(figures) == sorted(p.name for p in paths)
+
+  for p in paths:
+    fig = figures[p.name]
+    img = matplotlib.image.imread(p)
+    width, height = (fig.get_size_inches() * 100).round().astype(int)  # save_figure: 100 dpi
+    assert img.shape[:2] == (height, width), p.name
+    rgb = img[..., :3].reshape(-1, 3)
+    assert len(np.unique(rgb, axis=0)) > 50, f"{p.name} is (nearly) blank"
+    assert plots.PROJ in fig.axes[0].get_title(), p.name
+
+  # kernel heatmap: the cosine-normalised Θ of that point, one outlined block per task
+  theta = points["task_end_1"].theta
+  d = np.sqrt(np.diag(theta))
+  ax = figures["kernel_task_end_1.png"].axes[0]
+  np.testing.assert_allclose(ax.images[0].get_array(), theta / np.outer(d, d), rtol=1e-12)
+  block = N_TR + N_TE
+  assert [(r.get_xy(), r.get_width()) for r in ax.patches] == [
+    ((t * block - 0.5, t * block - 0.5), block) for t in range(T)
+  ]
+  assert "task_end_1" in ax.get_title()
+
+  # rho bar: one value per measurement, as in ntk.jsonl
+  records = [json.loads(line) for line in (out / "ntk.jsonl").read_text().splitlines()]
+  lines = figures["rho_bar.png"].axes[0].lines
+  np.testing.assert_allclose(lines[0].get_xdata(), [r["task"] for r in records])
+  np.testing.assert_allclose(lines[0].get_ydata(), [r["mean_inter_ratio_all"] for r in records])
+  seen = [np.nan if r["mean_inter_ratio"] is None else r["mean_inter_ratio"] for r in records]
+  np.testing.assert_allclose(lines[1].get_ydata(), seen)  # NaN (null) until two tasks are seen
+
+  # forgetting scatter: (predicted, measured) per task from the summary
+  forgetting = json.loads((tmp_path / "summary.json").read_text())["ntk"]["forgetting"]
+  offsets = figures["forgetting_scatter.png"].axes[0].collections[0].get_offsets()
+  np.testing.assert_allclose(
+    offsets, np.column_stack([forgetting["predicted"], forgetting["measured"]])
+  )
+
+  # lambda sweep: one line per gap term over the swept values
+  sweep = json.loads((tmp_path / "summary.json").read_text())["ntk"]["lambda_sweep"]
+  sweep_lines = figures["gaps_lambda.png"].axes[0].lines
+  assert len(sweep_lines) == 5
+  np.testing.assert_allclose(sweep_lines[0].get_xdata(), [e["value"] for e in sweep])
