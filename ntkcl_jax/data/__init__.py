@@ -25,6 +25,8 @@ from ntkcl_jax.data.sources import (
 )
 from ntkcl_jax.data.stream import TaskStream, global_batch
 
+# Names only, no logic: the source names below repeat part of `sources.__all__` so that the
+# package's public names are listed here explicitly (`duplicates` reports the two lists).
 __all__ = [
   "BENCHMARKS",
   "ArraySource",
