@@ -40,12 +40,17 @@ def membership(train: Source, test: Source) -> dict[str, dict[str, Any]]:
   """
   out = {}
   for split, source in (("train", train), ("test", test)):
-    if source not in _MEMBERSHIP_CACHE:
-      _MEMBERSHIP_CACHE[source] = {
-        "examples": len(source),
-        "sha256": source_manifest_hash(source),
-      }
-    out[split] = dict(_MEMBERSHIP_CACHE[source])
+    try:
+      cached = _MEMBERSHIP_CACHE.get(source)
+    except TypeError:  # a source class that is not weak-referenceable or hashable: no cache
+      cached = None
+    if cached is None:
+      cached = {"examples": len(source), "sha256": source_manifest_hash(source)}
+      try:
+        _MEMBERSHIP_CACHE[source] = cached
+      except TypeError:
+        pass
+    out[split] = dict(cached)
   return out
 
 
