@@ -12,7 +12,7 @@ SPLITS = ("train", "test")
 
 @runtime_checkable
 class Source(Protocol):
-  """One split of one dataset; see the module docstring for the contract."""
+  """One split of one dataset; the contract is in the `ntkcl_jax.data.sources` docstring."""
 
   labels: np.ndarray
   class_names: list[str]
