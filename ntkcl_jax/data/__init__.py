@@ -21,7 +21,7 @@ from ntkcl_jax.data.sources import (
   manifest_hash,
   source_manifest_hash,
 )
-from ntkcl_jax.data.stream import TaskStream, global_batch
+from ntkcl_jax.data.stream import TaskStream
 
 __all__ = [
   "BENCHMARKS",
@@ -38,7 +38,6 @@ __all__ = [
   "class_order",
   "domainnet_yaml",
   "fashion_mnist",
-  "global_batch",
   "label_to_task",
   "make_source",
   "manifest_hash",
