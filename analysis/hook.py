@@ -349,63 +349,35 @@ def measure_checkpoint(
 ) -> dict[str, Any]:
   """Measures a run's init model and its checkpoint `number` (default: latest) (SPEC 7.8).
 
-  Rebuilds the init parameters exactly as `ntkcl_jax.train.run` does (same keys, backbone from
-  `config.backbone.checkpoint_path`), restores `state` from `workdir/checkpoints/<number>`, and
-  measures both on the probes of `config.analysis`. Files go to `out_dir` (default
-  `workdir/analysis_ckpt`) as points "init" and "task_end_<t>" (t = the last finished task; a
-  mid-task checkpoint is named "checkpoint_<number>"), so `analysis.plots.write_all(out_dir)` works.
+  Rebuilds the run with `ntkcl_jax.load_run` (the trainer's stream, init key and backbone; the
+  checkpoint's evaluation parameters and prototypes) and measures the init and checkpoint models on
+  the probes of `config.analysis`. Files go to `out_dir` (default `workdir/analysis_ckpt`) as points
+  "init" and "task_end_<t>" (t = the last finished task; a mid-task checkpoint is named
+  "checkpoint_<number>" and uses the prototypes of the tasks finished before it), so
+  `analysis.plots.write_all(out_dir)` works.
 
   Returns:
     `analyze(...)` of the two points, with the measured R of the checkpoint's finished tasks.
   """
   import jax
-  import orbax.checkpoint as ocp
 
-  from ntkcl_jax import config as config_lib
-  from ntkcl_jax.checkpoint import RunCheckpoints
-  from ntkcl_jax.models.ntkcl import init_params
-  from ntkcl_jax.models.vit import load_augreg
-  from ntkcl_jax.train import build_stream
+  from ntkcl_jax import load_run
 
   settings = NTKSettings.from_config(config)
-  quirks = config_lib.validate(config)
-  spec = config_lib.model_spec(config, quirks)
   workdir = pathlib.Path(workdir)
-  ckpts = RunCheckpoints(workdir, async_save=False)
-  number = ckpts.latest() if number is None else number
-  if number is None:
-    raise FileNotFoundError(f"No checkpoint under {workdir / 'checkpoints'}; train first.")
-  restored = ckpts.manager.restore(
-    number, args=ocp.args.Composite(state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore())
-  )
-  ckpts.close()
-  state, meta = restored["state"], restored["meta"]
-  progress = meta["progress"]
-  stream = build_stream(config)
-  num_tasks = stream.num_tasks if config.train.max_tasks < 0 else config.train.max_tasks
-  num_tasks = min(num_tasks, stream.num_tasks)
-  backbone = None
-  if config.backbone.checkpoint_path:
-    backbone = load_augreg(config.backbone.checkpoint_path, spec.vit)
-  root = jax.random.key(config.seed)
-  init = init_params(spec, jax.random.fold_in(root, 10_000), backbone)
-  trained = {
-    "backbone": init["backbone"],
-    "peft": {"current": state["train"]["params"]["peft"]["current"], "ema": state["ema"]},
-    "fusion": state["train"]["params"]["fusion"],
-  }
-  done = int(progress["task"]) - (1 if progress["in_task"] else 0)
-  last = int(progress["task"]) - 1
-  name = f"task_end_{last}" if not progress["in_task"] and last >= 0 else f"checkpoint_{number}"
-  num_seen = sum(stream.task_range(t)[1] for t in range(max(done, 0)))
+  run = load_run(config, workdir, number)
+  last = run.tasks_done - 1
+  name = f"task_end_{last}" if not run.in_task and last >= 0 else f"checkpoint_{run.number}"
   probes = build_probes(
-    stream, num_tasks, settings.n_train, settings.n_test, settings.seed, settings.eval_batch_size
+    run.stream,
+    run.num_tasks,
+    settings.n_train,
+    settings.n_test,
+    settings.seed,
+    settings.eval_batch_size,
   )
   out = pathlib.Path(out_dir) if out_dir is not None else workdir / "analysis_ckpt"
-  session = _Session(settings, spec, probes, out, jax.process_index() == 0)
-  session.measure("init", -1, init, np.zeros_like(np.asarray(state["prototypes"])), 0)
-  session.measure(name, last, trained, state["prototypes"], num_seen)
-  R = np.full((num_tasks, num_tasks), np.nan)
-  for t, stage in enumerate(progress["stages"]):
-    R[t, : t + 1] = stage["R_row"]
-  return session.summary(R)
+  session = _Session(settings, run.spec, probes, out, jax.process_index() == 0)
+  session.measure("init", -1, run.init, np.zeros_like(run.prototypes), 0)
+  session.measure(name, last, run.params, run.prototypes, run.num_seen)
+  return session.summary(run.accuracy_matrix)

@@ -18,6 +18,8 @@ import sys
 
 import numpy as np
 
+from ntkcl_jax.metrics import seed_mean_std
+
 # name -> config overrides (each a `--config.key=value`); baselines and ablations are switches.
 VARIANTS = {
   "ntkcl_reference": [],
@@ -66,10 +68,8 @@ def main() -> None:
   rows = []
   for variant in variants:
     runs = [run_one(args.config, variant, s, args.out, args.extra.split()) for s in seeds]
-    avg = np.array([r["avg_acc"] for r in runs])
-    last = np.array([r["last_acc"] for r in runs])
-    fgt = np.array([r["forgetting"] for r in runs])
-    rows.append((variant, avg.mean(), avg.std(), last.mean(), last.std(), fgt.mean(), fgt.std()))
+    stats = [seed_mean_std([r[k] for r in runs]) for k in ("avg_acc", "last_acc", "forgetting")]
+    rows.append((variant, *(v for mean_std in stats for v in mean_std)))
   args.out.mkdir(parents=True, exist_ok=True)
   with open(args.out / "results.csv", "w", newline="") as f:
     w = csv.writer(f)

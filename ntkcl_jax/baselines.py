@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import optax
 
 from ntkcl_jax import losses
+from ntkcl_jax.evaluate import predictions
 from ntkcl_jax.models.ntkcl import NTKCL
 from ntkcl_jax.models.peft import torch_linear_kernel_init
 from ntkcl_jax.optim import merge
@@ -77,8 +78,6 @@ def make_linear_predict(model: NTKCL) -> Callable[..., Any]:
   def predict(params, num_seen, images):
     head = params["proxy_head"]
     body = {k: v for k, v in params.items() if k != "proxy_head"}
-    logits = features(body, images) @ head["kernel"] + head["bias"]
-    logits = jnp.where(jnp.arange(logits.shape[1]) < num_seen, logits, -jnp.inf)
-    return jnp.argmax(logits, -1), jax.lax.top_k(logits, min(5, logits.shape[1]))[1]
+    return predictions(features(body, images) @ head["kernel"] + head["bias"], num_seen)
 
   return predict

@@ -11,6 +11,7 @@ import hashlib
 import json
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import ml_collections
 
@@ -200,17 +201,28 @@ def model_spec(config: ml_collections.ConfigDict, quirks: Quirks) -> ModelSpec:
 def loss_weights(config: ml_collections.ConfigDict, quirks: Quirks) -> LossWeights:
   """`LossWeights` for a validated config and its resolved quirks."""
   use_ce = {"both": ("c", "p", "m"), "channel": ("c",), "patch": ("p",)}[config.model.name]
-  mi_orth = config.model.name == "both"  # L_MI reads m; L_orth reads c and p
+  # The ablations train the CE of their branch alone, as the reference's `_init_train` does for
+  # model_name "channel" / "patch" (SPEC 2.1): no L_MI (reads m), L_orth (reads c and p) or L_reg.
+  full = config.model.name == "both"
   return LossWeights(
-    mi=config.loss.lambda_mi if mi_orth else 0.0,
+    mi=config.loss.lambda_mi if full else 0.0,
     mi_sign=quirks.mi_sign,
-    orth=config.loss.lambda_orth if mi_orth else 0.0,
-    reg=config.loss.lambda_reg,
+    orth=config.loss.lambda_orth if full else 0.0,
+    reg=config.loss.lambda_reg if full else 0.0,
     tau=config.loss.tau,
     orth_loss=quirks.orth_loss,
     zero_nonfinite_aux=quirks.nonfinite_aux == "zero",
     use_ce=use_ce,
   )
+
+
+def init_key(seed: int):
+  """The key of a run's parameter initialisation: `fold_in(key(seed), 10_000)`.
+
+  The one place it is written: the trainer, `run_state.load_run` and the notebooks use it, so a
+  standalone analysis rebuilds exactly the trainer's init parameters.
+  """
+  return jax.random.fold_in(jax.random.key(seed), 10_000)
 
 
 def section_weights(config: ml_collections.ConfigDict) -> tuple[float, ...]:

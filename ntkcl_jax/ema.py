@@ -6,6 +6,7 @@ from typing import Any
 
 import chex
 import jax
+import jax.numpy as jnp
 
 
 def ema_rates(task: int) -> tuple[float, float]:
@@ -13,6 +14,15 @@ def ema_rates(task: int) -> tuple[float, float]:
   if task < 0:
     raise ValueError(f"task must be >= 0, got {task}.")
   return (0.0, 1.0) if task == 0 else (task / (task + 1), 1.0 / (task + 1))
+
+
+@jax.jit
+def _blend(ema: Any, current: Any, r0: jax.Array, r1: jax.Array) -> Any:
+  # r0, r1 are traced float32 scalars, cast to each leaf's dtype as a Python float would be: one
+  # compilation serves every task, with the same arithmetic as constant rates.
+  return jax.tree_util.tree_map(
+    lambda e, c: r0.astype(e.dtype) * e + r1.astype(c.dtype) * c, ema, current
+  )
 
 
 def ema_update(ema: Any, current: Any, task: int) -> Any:
@@ -23,8 +33,9 @@ def ema_update(ema: Any, current: Any, task: int) -> Any:
 
   Args:
     ema, current: PEFT banks with identical tree structure and shapes.
-    task: t, the task just trained.
+    task: t, the task just trained (a Python int; the rates enter the compiled update as traced
+      scalars, so it compiles once per bank layout, not once per task).
   """
   chex.assert_trees_all_equal_shapes(ema, current)
   r0, r1 = ema_rates(task)
-  return jax.tree_util.tree_map(lambda e, c: r0 * e + r1 * c, ema, current)
+  return _blend(ema, current, jnp.float32(r0), jnp.float32(r1))

@@ -1,4 +1,4 @@
-"""Features over index sets, prototypes (SPEC 1.6, Q6) and per-stage evaluation (SPEC 3)."""
+"""Features over index sets, the one prediction rule (SPEC 1.6) and per-stage evaluation (SPEC 3)."""
 
 from __future__ import annotations
 
@@ -6,10 +6,12 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from ntkcl_jax import metrics, sharding
 from ntkcl_jax.data import TaskStream
+from ntkcl_jax.models.heads import section_weighted_logits
 
 
 def batched_apply(
@@ -40,40 +42,39 @@ def batched_apply(
   return stacked, np.concatenate(labels)
 
 
-def class_means(features: np.ndarray, labels: np.ndarray, classes: range) -> np.ndarray:
-  """μ_k = mean of the (unnormalised) features of class k, float64 accumulation (SPEC 1.6)."""
-  out = np.zeros((len(classes), features.shape[1]), np.float32)
-  for row, k in enumerate(classes):
-    sel = labels == k
-    if not sel.any():
-      raise ValueError(f"Class {k} has no training images; cannot form its prototype.")
-    out[row] = features[sel].astype(np.float64).mean(0)
-  return out
-
-
-def drift_compensation(
-  prototypes: np.ndarray, feats_old: np.ndarray, feats_new: np.ndarray, sigma: float = 0.3
-) -> np.ndarray:
-  """SDC-style shift of old prototypes (quirk Q6 `drift_compensation`, [PROJ]).
-
-  δ_i = m_new(x_i) − m_old(x_i) on the current task's training images; each old μ_k moves by
-  Σ_i w_ik δ_i / Σ_i w_ik with w_ik = exp(−‖m̂_old(x_i) − μ̂_k‖² / (2σ²)).
+def predictions(logits: jax.Array, num_seen: jax.Array | int, top_k: int = 5):
+  """Task-agnostic prediction over the classes seen so far (SPEC 1.6): the one masking rule.
 
   Args:
-    prototypes: (K, D) old class means. feats_old, feats_new: (n, D) features of the same images
-      under the end-of-previous-task and the current model.
+    logits: (b, C) over all class rows. num_seen: C_seen; rows ≥ C_seen get −inf.
   Returns:
-    (K, D) shifted prototypes.
+    (top-1 (b,), top-k (b, min(top_k, C))) class indices. With C_seen < top_k the last columns
+    of top-k are −inf rows (meaningless); `evaluate_stage` reports top-5 only when C_seen ≥ 5.
   """
-  if prototypes.shape[0] == 0:
-    return prototypes
-  unit = lambda x: x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)  # noqa: E731
-  old, protos = feats_old.astype(np.float64), prototypes.astype(np.float64)
-  dist = ((unit(old)[:, None, :] - unit(protos)[None, :, :]) ** 2).sum(-1)  # (n, K)
-  w = np.exp(-dist / (2 * sigma**2))
-  delta = feats_new.astype(np.float64) - old
-  shift = (w.T @ delta) / np.maximum(w.sum(0)[:, None], 1e-12)
-  return (protos + shift).astype(np.float32)
+  logits = jnp.where(jnp.arange(logits.shape[1]) < num_seen, logits, -jnp.inf)
+  return jnp.argmax(logits, -1), jax.lax.top_k(logits, min(top_k, logits.shape[1]))[1]
+
+
+def make_predict_fn(
+  features: Callable[[Any, jax.Array], jax.Array],
+  section_weights: tuple[float, ...],
+  top_k: int = 5,
+) -> Callable[[Any, jax.Array, jax.Array, jax.Array], tuple[jax.Array, jax.Array]]:
+  """The prototype classifier the trainer evaluates (and `bench_step.py` times).
+
+  Args:
+    features: (params, images (b, H, W, 3)) → (b, D) eval-mode features.
+    section_weights: ω of the test logits (`config.section_weights`; (1.0,) for one section).
+  Returns:
+    (params, prototypes (C, D), num_seen, images) → `predictions(...)` of the section-weighted
+    cosine logits. Pure; jit it.
+  """
+
+  def predict(params, prototypes, num_seen, images):
+    logits = section_weighted_logits(features(params, images), prototypes, section_weights)
+    return predictions(logits, num_seen, top_k)
+
+  return predict
 
 
 def evaluate_stage(
@@ -82,18 +83,21 @@ def evaluate_stage(
   t: int,
   batch_size: int,
   mesh: jax.sharding.Mesh,
-  top5: bool = True,
 ) -> dict[str, Any]:
   """Row t of R, A_t, top-5, old/new and task-id accuracy on the test sets of tasks 0..t.
 
+  Top-5 is reported once at least 5 classes have been seen (C_seen ≥ 5, whatever the dataset's
+  class count); before that fewer than 5 logits are finite and a "top-5" would count −inf rows as
+  hits (100 %), so the stage has no `top5` key.
+
   Args:
-    predict: images → (top-1 (b,), top-k (b, k)) predicted new labels.
+    predict: images → (top-1 (b,), top-k (b, k)) predicted new labels (`predictions`).
   """
   (pred, topk), labels = batched_apply(
     predict, stream, stream.test_indices(t), "test", batch_size, mesh
   )
-  k_t = stream.task_range(t)[0]
-  use_top5 = top5 and topk.shape[1] >= 5
+  k_t, s_t = stream.task_range(t)
+  use_top5 = k_t + s_t >= 5 and topk.shape[1] >= 5
   return metrics.stage_metrics(
     pred, labels, stream.task_of_label, t, k_t, topk if use_top5 else None
   )

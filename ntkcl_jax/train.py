@@ -24,7 +24,7 @@ import ml_collections
 import numpy as np
 
 from ntkcl_jax import config as config_lib
-from ntkcl_jax import losses, metrics, sharding
+from ntkcl_jax import losses, metrics, prototypes, sharding
 from ntkcl_jax.baselines import (
   LINEAR_METHODS,
   init_linear_head,
@@ -32,19 +32,20 @@ from ntkcl_jax.baselines import (
   make_linear_train_step,
 )
 from ntkcl_jax.checkpoint import RunCheckpoints
-from ntkcl_jax.data import TaskStream, cap_per_class, class_order, make_source
 from ntkcl_jax.data.sources import check_membership, membership
 from ntkcl_jax.ema import ema_update
-from ntkcl_jax.evaluate import batched_apply, class_means, drift_compensation, evaluate_stage
+from ntkcl_jax.evaluate import batched_apply, evaluate_stage, make_predict_fn
 from ntkcl_jax.hooks import TaskHook, TaskView
-from ntkcl_jax.models.heads import section_weighted_logits
-from ntkcl_jax.models.ntkcl import NTKCL, init_params
-from ntkcl_jax.models.vit import VisionTransformer, load_augreg
+from ntkcl_jax.models.ntkcl import NTKCL
+from ntkcl_jax.models.vit import VisionTransformer
 from ntkcl_jax.optim import epoch_cosine_schedule, make_optimizer
+from ntkcl_jax.run_state import accuracy_matrix, build_stream, initial_params
+from ntkcl_jax.run_state import num_tasks as count_tasks
 from ntkcl_jax.train_step import (
   TaskInfo,
   TrainState,
   init_proxy_head,
+  make_eval_fn,
   make_feature_fn,
   make_train_step,
   reg_targets,
@@ -60,33 +61,6 @@ class NonFiniteLossError(RuntimeError):
 
 class WorkdirMismatchError(ValueError):
   """The workdir holds a run started with a different config."""
-
-
-# ------------------------------------------------------------------------------------------------
-# Data.
-
-
-def build_stream(config: ml_collections.ConfigDict) -> TaskStream:
-  """Sources, class order (SPEC 2.7) and transforms for `config.data`."""
-  d = config.data
-  data_dir = d.data_dir or None
-  train = cap_per_class(make_source(d.name, "train", data_dir), d.max_train_per_class)
-  test = cap_per_class(make_source(d.name, "test", data_dir), d.max_test_per_class)
-  if train.num_classes != d.num_classes:
-    raise ValueError(
-      f"data.num_classes={d.num_classes} but dataset '{d.name}' has {train.num_classes} classes."
-    )
-  return TaskStream(
-    train,
-    test,
-    order=class_order(config.seed, d.num_classes),
-    init_cls=d.num_classes if config.method == "joint" else d.init_cls,
-    increment=d.increment,
-    image_size=config.backbone.image_size,
-    resize_size=d.resize_size,
-    crop_scale=(d.crop_scale_min, 1.0),
-    value_range=d.value_range,
-  )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -214,12 +188,10 @@ def run(
 
   # -- data -------------------------------------------------------------------------------------
   stream = build_stream(config)
-  num_tasks = (
-    stream.num_tasks
-    if config.train.max_tasks < 0
-    else min(config.train.max_tasks, stream.num_tasks)
-  )
-  splits = stream.splits[:num_tasks]
+  num_tasks = count_tasks(config, stream)
+  # Shapes (prototype rows, head width) come from the whole sequence, so a run truncated by
+  # `train.max_tasks` computes exactly what the full run does up to its last task.
+  splits = stream.splits
   num_classes = splits[-1][0] + splits[-1][1]
   head_width = max(s for _, s in splits)
   batch_size, eval_batch = config.train.batch_size, config.eval.batch_size
@@ -237,18 +209,17 @@ def run(
   model = NTKCL(spec)
   weights = config_lib.loss_weights(config, quirks)
   root_key = jax.random.key(config.seed)
-  backbone = None
-  if config.backbone.checkpoint_path:
-    backbone = load_augreg(config.backbone.checkpoint_path, spec.vit)
-  else:
+  if not config.backbone.checkpoint_path:
     log.warning("backbone.checkpoint_path is empty: using a randomly initialised backbone.")
-  params = init_params(spec, jax.random.fold_in(root_key, 10_000), backbone)
+  params = initial_params(config, spec)
   frozen_backbone = params["backbone"]
-  head_key = jax.random.fold_in(root_key, 10_001)
-  if linear:
+  if linear:  # the baselines' linear head persists across tasks
+    head_key = jax.random.fold_in(root_key, 10_001)
     params["proxy_head"] = init_linear_head(head_key, spec.vit.width, num_classes)
-  else:
-    params["proxy_head"] = init_proxy_head(head_key, spec.feature_dim, head_width)
+  else:  # zeros of the right layout: each task draws its own head (tasks, below)
+    head = functools.partial(init_proxy_head, feature_dim=spec.feature_dim, width=head_width)
+    shapes = jax.eval_shape(head, root_key)
+    params["proxy_head"] = jax.tree_util.tree_map(lambda x: jnp.zeros(x.shape, x.dtype), shapes)
   trainable, frozen = split_trainable(params)
   tx = make_optimizer(config.train.weight_decay, config.train.momentum)
   simplecil = config.method == "simplecil"
@@ -318,19 +289,13 @@ def run(
   )
   train_step = jax.jit(step_fn, donate_argnums=(0,))
   linear_predict = jax.jit(make_linear_predict(model))
-  weights_eval = config_lib.section_weights(config)
-  if simplecil:
+  if simplecil:  # prototypes of the plain pre-trained ViT's CLS feature, one logit section
     vit = VisionTransformer(spec.vit, dtype=spec.dtype)
     features = jax.jit(lambda p, x: vit.apply({"params": p["backbone"]}, x))
-    weights_eval = (1.0,)
+    predict = jax.jit(make_predict_fn(features, (1.0,)))
   else:
     features = jax.jit(make_feature_fn(model))
-
-  @jax.jit
-  def predict(params, prototypes, num_seen, images):
-    logits = section_weighted_logits(features(params, images), prototypes, weights_eval)
-    logits = jnp.where(jnp.arange(prototypes.shape[0]) < num_seen, logits, -jnp.inf)
-    return jnp.argmax(logits, -1), jax.lax.top_k(logits, min(5, prototypes.shape[0]))[1]
+    predict = jax.jit(make_eval_fn(model, config_lib.section_weights(config)))
 
   def eval_params(st, ema=None):
     return {
@@ -343,7 +308,7 @@ def run(
     }
 
   def view(t: int) -> TaskView:
-    R = _accuracy_matrix(progress.stages, num_tasks)
+    R = accuracy_matrix(progress.stages, num_tasks)
     return TaskView(
       task=t,
       num_tasks=num_tasks,
@@ -363,34 +328,33 @@ def run(
       hook.on_init(view(-1))
 
   def new_prototypes(t: int, params_eval, ema_before) -> np.ndarray:
-    """Prototypes after task t: new-class means, then the Q6 refresh of old rows."""
+    """Prototypes after task t (`prototypes.update_after_task`), from eval-mode features."""
     k_t, s_t = splits[t]
-    apply = lambda p: lambda x: features(p, x)  # noqa: E731
-    new_feats, new_labels = batched_apply(
-      apply(params_eval), stream, stream.train_indices(t), "train", eval_batch, mesh
-    )
-    protos = np.asarray(sharding.to_host(state["prototypes"])).copy()
-    protos[k_t : k_t + s_t] = class_means(new_feats, new_labels, range(k_t, k_t + s_t))
-    if t == 0 or not ntkcl or quirks.prototype_refresh == "never":
-      return protos
-    if quirks.prototype_refresh == "drift_compensation":
+
+    def feats_of(params, indices):
+      return batched_apply(
+        lambda x: features(params, x), stream, indices, "train", eval_batch, mesh
+      )
+
+    def old_feats():  # the end-of-previous-task model: reg snapshot + the EMA bank before update
       snap = state["reg_snapshot"]
-      old_params = {
-        "backbone": frozen_backbone,
-        "peft": {"current": snap["peft"], "ema": ema_before},
-        "fusion": snap["fusion"],
-      }
-      old_feats, _ = batched_apply(
-        apply(old_params), stream, stream.train_indices(t), "train", eval_batch, mesh
-      )
-      protos[:k_t] = drift_compensation(protos[:k_t], old_feats, new_feats)
-    else:  # "oracle": recompute from all seen training data (analysis-only upper bound)
-      seen = np.concatenate([stream.train_indices(s) for s in range(t)])
-      old_feats, old_labels = batched_apply(
-        apply(params_eval), stream, seen, "train", eval_batch, mesh
-      )
-      protos[:k_t] = class_means(old_feats, old_labels, range(k_t))
-    return protos
+      old = {"backbone": frozen_backbone, "peft": {"current": snap["peft"], "ema": ema_before}}
+      return feats_of({**old, "fusion": snap["fusion"]}, stream.train_indices(t))[0]
+
+    def seen_feats():
+      return feats_of(params_eval, np.concatenate([stream.train_indices(s) for s in range(t)]))
+
+    new_feats, new_labels = feats_of(params_eval, stream.train_indices(t))
+    return prototypes.update_after_task(
+      np.asarray(sharding.to_host(state["prototypes"])),
+      k_t,
+      s_t,
+      new_feats,
+      new_labels,
+      refresh=quirks.prototype_refresh if ntkcl else "never",
+      old_feats=old_feats,
+      seen_feats=seen_feats,
+    )
 
   # -- tasks ------------------------------------------------------------------------------------
   bar = _Progress(is_writer, config.train.log_every_steps)
@@ -472,11 +436,9 @@ def run(
 
     # -- end of task: EMA, prototypes, evaluation, snapshot (SPEC 2.4 steps 3-6) ---------------
     ema_before = state["ema"]
-    last = t == num_tasks - 1
+    last = t == stream.num_tasks - 1  # the sequence's last task, also when max_tasks truncates
     if ntkcl and config.train.use_ema and (not last or quirks.ema_after_last_task):
-      state["ema"] = jax.jit(ema_update, static_argnums=2)(
-        state["ema"], state["train"].params["peft"]["current"], t
-      )
+      state["ema"] = ema_update(state["ema"], state["train"].params["peft"]["current"], t)
     params_eval = eval_params(state)
     if linear:
       with_head = {**params_eval, "proxy_head": state["train"].params["proxy_head"]}
@@ -486,9 +448,7 @@ def run(
         new_prototypes(t, params_eval, ema_before), mesh
       )
       predict_t = functools.partial(predict, params_eval, state["prototypes"], k_t + s_t)
-    stage = evaluate_stage(
-      predict_t, stream, t, eval_batch, mesh, top5=config.data.num_classes > 10
-    )
+    stage = evaluate_stage(predict_t, stream, t, eval_batch, mesh)
     progress.stages.append(stage)
     # TensorBoard step: the global step (the task index for methods that take no steps)
     writer.write(
@@ -503,7 +463,7 @@ def run(
       hook.on_task_end(view(t))
 
   # -- summary ----------------------------------------------------------------------------------
-  R = _accuracy_matrix(progress.stages, num_tasks)
+  R = accuracy_matrix(progress.stages, num_tasks)
   A = [s["A"] for s in progress.stages]
   final = metrics.final_metrics(R, A)
   wall = elapsed_before + time.time() - t_start
@@ -521,17 +481,15 @@ def run(
   }
   for hook in hooks:
     summary.update(hook.summary())
+  # A rerun keeps the sections an earlier run of this workdir wrote and this one did not (a hook
+  # has nothing new to report when every task was already done, e.g. "ntk").
+  summary_path = workdir / "summary.json"
+  if summary_path.exists():
+    for key, value in json.loads(summary_path.read_text()).items():
+      summary.setdefault(key, value)
   if is_writer:
-    _write_json(workdir / "summary.json", summary)
+    _write_json(summary_path, summary)
   writer.close()
   if ckpts:
     ckpts.close()
   return summary
-
-
-def _accuracy_matrix(stages: list[dict[str, Any]], num_tasks: int) -> np.ndarray:
-  """R (T, T) from the stage rows so far; NaN above the diagonal and for stages not yet run."""
-  R = np.full((num_tasks, num_tasks), np.nan)
-  for t, s in enumerate(stages):
-    R[t, : t + 1] = s["R_row"]
-  return R

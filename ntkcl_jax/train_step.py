@@ -21,7 +21,8 @@ import jax.numpy as jnp
 import optax
 
 from ntkcl_jax import losses
-from ntkcl_jax.models.heads import ProxyHead, section_weighted_logits
+from ntkcl_jax.evaluate import make_predict_fn
+from ntkcl_jax.models.heads import ProxyHead
 from ntkcl_jax.models.ntkcl import NTKCL, test_feature_key
 from ntkcl_jax.optim import merge, partition, path_labels
 
@@ -164,14 +165,7 @@ def make_eval_fn(
 ) -> Callable[[Params, jax.Array, jax.Array, jax.Array], tuple[jax.Array, jax.Array]]:
   """(params, prototypes (C, D), num_seen, images) → (top-1 (b,), top-k (b, k)) classes.
 
-  Prediction is task-agnostic over the classes seen so far (rows < num_seen), SPEC 1.6.
+  Prediction is task-agnostic over the classes seen so far (rows < num_seen), SPEC 1.6. This is
+  `evaluate.make_predict_fn` on the eval-mode features: the function `train.run` evaluates with.
   """
-  features = make_feature_fn(model)
-
-  def evaluate(params, prototypes, num_seen, images):
-    logits = section_weighted_logits(features(params, images), prototypes, section_weights)
-    logits = jnp.where(jnp.arange(prototypes.shape[0]) < num_seen, logits, -jnp.inf)
-    k = min(top_k, prototypes.shape[0])
-    return jnp.argmax(logits, -1), jax.lax.top_k(logits, k)[1]
-
-  return evaluate
+  return make_predict_fn(make_feature_fn(model), section_weights, top_k)

@@ -14,7 +14,7 @@ import pathlib
 import numpy as np
 import pytest
 
-from ntkcl_jax import data, train
+from ntkcl_jax import data, run_state, train
 from tests import tiny_configs as tc
 
 
@@ -54,7 +54,7 @@ def test_resume_refuses_changed_membership_and_keeps_checkpoints(tmp_path, monke
 
   # Same config, other data: the train split loses its first image (as when a file disappears
   # from an ImageFolder tree), so the capped split takes the next image of that class instead.
-  real_make_source = train.make_source
+  real_make_source = run_state.make_source
 
   def make_source_without_first(name, split, data_dir=None):
     source = real_make_source(name, split, data_dir)
@@ -62,7 +62,7 @@ def test_resume_refuses_changed_membership_and_keeps_checkpoints(tmp_path, monke
       return source
     return data.SubsetSource(source, np.arange(1, len(source)))
 
-  monkeypatch.setattr(train, "make_source", make_source_without_first)
+  monkeypatch.setattr(run_state, "make_source", make_source_without_first)
   with pytest.raises(ValueError, match=r"(?is)other data.*train: .*restore the original data"):
     train.run(config, workdir)
   assert _files(ckpt_dir) == ckpts_before  # nothing written, nothing removed

@@ -122,7 +122,9 @@ def test_one_device_matches_eight_devices(eight_devices, cache, tmp_path):
     np.testing.assert_allclose(a["orth"], b["orth"], rtol=0, atol=ORTH_ATOL)
   protos1 = tc.read_checkpoint(workdir1)[0]["prototypes"]
   protos8 = tc.read_checkpoint(workdir8)[0]["prototypes"]
-  assert protos1.shape == (4, 32) and np.abs(protos8).sum(1).min() > 0  # 4 classes seen, D = 2d
+  # rows for all 10 classes of the sequence (whatever max_tasks), 4 seen; D = 2d
+  assert protos1.shape == (10, 32) and np.abs(protos8[:4]).sum(1).min() > 0
+  assert not protos8[4:].any()
   np.testing.assert_allclose(protos1, protos8, atol=PROTOTYPE_ATOL, rtol=0)
 
 
@@ -151,7 +153,8 @@ def test_baseline_method_runs(method, tmp_path):
     # Old prototypes and features never change, so an old image right among 4 classes is right
     # among its task's 2: accuracy on task 0 cannot rise.
     assert R[1, 0] <= R[0, 0] and summary["forgetting"] >= 0
-    assert tc.read_checkpoint(tmp_path)[0]["prototypes"].shape == (4, 16)  # D = backbone width
+    protos = tc.read_checkpoint(tmp_path)[0]["prototypes"]
+    assert protos.shape == (10, 16) and not protos[4:].any()  # D = backbone width; 4 seen
     if importlib.util.find_spec("tensorboardX") is not None:  # no steps: evals at task indices
       scalars = tensorboard_scalars(tmp_path / "tensorboard")
       assert [s for s, _ in scalars["eval/A"]] == [0, 1] and scalars["final/avg_acc"][0][0] == 1

@@ -8,8 +8,19 @@ Target (SPEC 5, A-bar / A_T in %): IN-21K 87.63 +- 2.32 / 79.84 +- 0.32; IN-1K 8
 Measured: not yet run with this port (needs the AugReg weights and the dataset; README table).
 """
 
-from experiments.configs.common import benchmark_config
+from experiments.configs.common import vitb_config
 
 
 def get_config(arg=None):
-  return benchmark_config("eurosat", arg)
+  c = vitb_config(arg)  # ViT-B/16 AugReg backbone; arguments: see `common.vitb_config`
+  c.data.name = "eurosat"
+  c.data.num_classes = 10
+  c.data.init_cls = 2
+  c.data.increment = 2
+  c.train.lr = 0.0001
+  c.train.batch_size = 96
+  c.train.epochs = 5
+  c.train.weight_decay = 0.005
+  c.model.use_init_ptm = True  # the plain pre-trained ViT pass (PTM section of the features)
+  c.loss.lambda_mi = 0.2  # λ_MI, the reference's `nce_temp`
+  return c

@@ -8,8 +8,19 @@ Target (SPEC 5, A-bar / A_T in %): IN-21K 66.56 +- 1.53 / 58.54 +- 0.91; IN-1K 6
 Measured: not yet run with this port (needs the AugReg weights and the dataset; README table).
 """
 
-from experiments.configs.common import benchmark_config
+from experiments.configs.common import vitb_config
 
 
 def get_config(arg=None):
-  return benchmark_config("imagenet_a", arg)
+  c = vitb_config(arg)  # ViT-B/16 AugReg backbone; arguments: see `common.vitb_config`
+  c.data.name = "imagenet_a"
+  c.data.num_classes = 200
+  c.data.init_cls = 20
+  c.data.increment = 20
+  c.train.lr = 0.02
+  c.train.batch_size = 16
+  c.train.epochs = 20
+  c.train.weight_decay = 0.005
+  c.model.use_init_ptm = False  # the plain pre-trained ViT pass (PTM section of the features)
+  c.loss.lambda_mi = 0.2  # λ_MI, the reference's `nce_temp`
+  return c

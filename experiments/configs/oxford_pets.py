@@ -8,8 +8,19 @@ Target (SPEC 5, A-bar / A_T in %): IN-21K 96.69 +- 0.99 / 94.11 +- 0.09; IN-1K 9
 Measured: not yet run with this port (needs the AugReg weights and the dataset; README table).
 """
 
-from experiments.configs.common import benchmark_config
+from experiments.configs.common import vitb_config
 
 
 def get_config(arg=None):
-  return benchmark_config("oxford_pets", arg)
+  c = vitb_config(arg)  # ViT-B/16 AugReg backbone; arguments: see `common.vitb_config`
+  c.data.name = "oxford_pets"
+  c.data.num_classes = 37
+  c.data.init_cls = 7
+  c.data.increment = 5
+  c.train.lr = 0.02
+  c.train.batch_size = 96
+  c.train.epochs = 5
+  c.train.weight_decay = 0.005
+  c.model.use_init_ptm = True  # the plain pre-trained ViT pass (PTM section of the features)
+  c.loss.lambda_mi = 0.2  # λ_MI, the reference's `nce_temp`
+  return c

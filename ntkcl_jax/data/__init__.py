@@ -23,7 +23,7 @@ from ntkcl_jax.data.sources import (
   membership,
   source_manifest_hash,
 )
-from ntkcl_jax.data.stream import TaskStream, global_batch
+from ntkcl_jax.data.stream import TaskStream
 
 # Names only, no logic: the source names below repeat part of `sources.__all__` so that the
 # package's public names are listed here explicitly (`duplicates` reports the two lists).
@@ -43,7 +43,6 @@ __all__ = [
   "class_order",
   "domainnet_yaml",
   "fashion_mnist",
-  "global_batch",
   "label_to_task",
   "make_source",
   "manifest_hash",

@@ -33,7 +33,7 @@ from ntkcl_jax.data import transforms
 from ntkcl_jax.data.class_order import label_to_task, relabel, task_splits
 from ntkcl_jax.data.sources import Source
 
-__all__ = ["TaskStream", "global_batch"]
+__all__ = ["TaskStream"]
 
 _SHUFFLE_TAG = 1
 _AUGMENT_TAG = 2
@@ -139,10 +139,6 @@ class TaskStream:
   def train_indices(self, t: int) -> np.ndarray:
     """(n_t,) int64 ascending indices into ``train`` of task t's images."""
     return self._train_idx[t].copy()
-
-  def task_indices(self, t: int, split: str) -> np.ndarray:
-    """(n,) int64 ascending indices into ``split`` of task t's images."""
-    return self._task_members(self._check_split(split), t)
 
   def test_indices(self, upto_t: int) -> np.ndarray:
     """(n,) int64 ascending test indices of all classes seen after task ``upto_t`` (new label <
@@ -339,19 +335,3 @@ class TaskStream:
           pool.shutdown()
 
     return gen()
-
-
-def global_batch(local_batch, sharding):
-  """Assemble a global jax.Array per leaf from each process's rows (SPEC 8, multi-host).
-
-  Args:
-    local_batch: pytree of NumPy arrays, this process's contiguous slice (leading axis B/P).
-    sharding: e.g. ``NamedSharding(mesh, P("data"))``.
-  Returns:
-    the same pytree of global arrays with leading axis B.
-  """
-  import jax  # only this helper needs jax
-
-  return jax.tree.map(
-    lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch
-  )

@@ -30,7 +30,6 @@ __all__ = [
   "test_transform_uint8",
   "to_float",
   "train_transform",
-  "train_transform_batch",
   "train_transform_uint8",
 ]
 
@@ -192,21 +191,6 @@ def test_transform_uint8(img: np.ndarray, size: int, resize_size: int) -> np.nda
 def test_transform(img: np.ndarray, size: int, resize_size: int, value_range: str = "0_1"):
   """SPEC 2.5 test transform: uint8 (H, W, 3) -> float32 (size, size, 3)."""
   return to_float(test_transform_uint8(img, size, resize_size), value_range)
-
-
-def train_transform_batch(
-  images: Sequence[np.ndarray],
-  size: int,
-  rngs: Sequence[np.random.Generator],
-  scale: tuple[float, float] = (0.05, 1.0),
-  ratio: tuple[float, float] = (3 / 4, 4 / 3),
-  value_range: str = "0_1",
-) -> np.ndarray:
-  """`train_transform` over n images, one generator each: -> float32 (n, size, size, 3)."""
-  out = np.empty((len(images), size, size, 3), dtype=np.uint8)
-  for k, (img, rng) in enumerate(zip(images, rngs, strict=True)):
-    out[k] = train_transform_uint8(img, size, rng, scale, ratio)
-  return to_float(out, value_range)
 
 
 def test_transform_batch(

@@ -406,25 +406,40 @@ def test_prototype_logits_skip_init(tmp_path):
   assert not list(tmp_path.iterdir())
 
 
-def _tiny_train_run(workdir):
-  """train.run with analysis enabled on the tiny demo config (2 tasks, 8 + 4 probes per task)."""
-  from ntkcl_jax import train
+def _tiny_train_config(**overrides):
+  """The tiny demo config with analysis on (2 tasks, 8 + 4 probes per task)."""
   from tests.tiny_configs import tiny_config
 
-  config = tiny_config(
+  return tiny_config(
     small=True,
     train__max_tasks=2,
     analysis__enabled=True,
     analysis__n_train=8,
     analysis__n_test=4,
     analysis__projection_dim=4,
+    **overrides,
   )
+
+
+def _tiny_train_run(workdir):
+  """train.run with analysis enabled on `_tiny_train_config()`."""
+  from ntkcl_jax import train
+
+  config = _tiny_train_config()
   return config, train.run(config, workdir, hooks=[NTKHook(config)])
 
 
-def test_end_to_end_train_run_fills_summary(tmp_path):
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+  """(config, summary, workdir) of one `_tiny_train_run` (2 steps per task, a checkpoint per step)."""
+  workdir = tmp_path_factory.mktemp("trained")
+  config, summary = _tiny_train_run(workdir)
+  return config, summary, workdir
+
+
+def test_end_to_end_train_run_fills_summary(trained):
   """Through ntkcl_jax.train.run: the hook's files and summary["ntk"] (measured R from the run)."""
-  _, summary = _tiny_train_run(tmp_path)
+  _, summary, workdir = trained
   ntk = summary["ntk"]
   assert ntk["points"] == ["init", "task_end_0", "task_end_1"]
   assert np.asarray(ntk["inter_intra_ratio"]).shape == (2, 2)
@@ -432,11 +447,42 @@ def test_end_to_end_train_run_fills_summary(tmp_path):
   R = np.asarray(summary["accuracy_matrix"], dtype=float)
   np.testing.assert_allclose(measured, [R[0, 0] - R[1, 0]])
   assert 0 < ntk["overhead_s"] < summary["wall_time_s"]
-  written = json.loads((tmp_path / "summary.json").read_text())
+  written = json.loads((workdir / "summary.json").read_text())
   assert written["ntk"]["points"] == ntk["points"]
-  assert len((tmp_path / "analysis" / "ntk.jsonl").read_text().splitlines()) == 3
-  with np.load(tmp_path / "analysis" / "ntk_task_end_1.npz") as z:
+  assert len((workdir / "analysis" / "ntk.jsonl").read_text().splitlines()) == 3
+  with np.load(workdir / "analysis" / "ntk_task_end_1.npz") as z:
     assert z["theta"].shape == (2 * 12, 2 * 12)
+
+
+def test_mid_task_checkpoint_uses_the_finished_tasks_prototypes(trained, tmp_path):
+  """Issue 14, defect 3: a checkpoint inside task 1 holds task 0's 2 prototypes (num_seen 2)."""
+  from tests.tiny_configs import checkpoint_numbers
+
+  config, _, workdir = trained
+  mid = checkpoint_numbers(workdir)[-2]  # step 1 of task 1 (the last is task 1's end)
+  # prototype_logits needs the seen rows: with num_seen 0 the point would be skipped
+  out = measure_checkpoint(
+    _tiny_train_config(analysis__output="prototype_logits"), workdir, number=mid, out_dir=tmp_path
+  )
+  assert out.get("points") == [f"checkpoint_{mid}"]  # before the fix: {} (num_seen 0, skipped)
+  assert (tmp_path / f"ntk_checkpoint_{mid}.npz").exists()
+  from ntkcl_jax import load_run
+
+  run = load_run(config, workdir, mid)
+  assert (run.in_task, run.tasks_done, run.num_seen) == (True, 1, 2)
+  assert run.prototypes[:2].any(axis=1).all() and not run.prototypes[2:].any()
+
+
+def test_rerun_of_a_finished_run_keeps_the_ntk_section(trained):
+  """Issue 14, defect 5: rerunning a finished run must not drop summary["ntk"]."""
+  config, _, workdir = trained
+  from ntkcl_jax import train
+
+  first = json.loads((workdir / "summary.json").read_text())
+  again = train.run(config, workdir, hooks=[NTKHook(config)])
+  written = json.loads((workdir / "summary.json").read_text())
+  assert written["ntk"] == first["ntk"] and again["ntk"] == first["ntk"]
+  assert written["accuracy_matrix"] == first["accuracy_matrix"]
 
 
 @pytest.mark.slow

@@ -6,7 +6,7 @@ import pytest
 from ntkcl_jax.data import transforms
 from ntkcl_jax.data.class_order import class_order, relabel
 from ntkcl_jax.data.sources import ArraySource
-from ntkcl_jax.data.stream import TaskStream, global_batch
+from ntkcl_jax.data.stream import TaskStream
 
 NUM_CLASSES = 6
 
@@ -210,15 +210,16 @@ def test_constructor_errors():
     TaskStream(a, a, order=np.arange(6), init_cls=2, increment=2, image_size=8, resize_size=7)
 
 
-def test_global_batch_assembles_sharded_array(stream):
+def test_put_batch_assembles_sharded_array(stream):
+  """A stream batch → global arrays split over `data` (`sharding.put_batch`, as the trainer)."""
   jax = pytest.importorskip("jax")
-  from jax.sharding import NamedSharding
   from jax.sharding import PartitionSpec as P
 
+  from ntkcl_jax import sharding
+
   n_dev = jax.device_count()
-  mesh = jax.make_mesh((n_dev,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
   local = next(iter(stream.eval_batches(stream.test_indices(2), n_dev, "test")))
-  out = global_batch(local, NamedSharding(mesh, P("data")))
+  out = sharding.put_batch(local, sharding.make_mesh())
   assert out["image"].shape == (n_dev, 8, 8, 3)
   assert out["image"].sharding.spec == P("data")
   np.testing.assert_array_equal(np.asarray(out["image"]), local["image"])

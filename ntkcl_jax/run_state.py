@@ -1,0 +1,162 @@
+"""A run's inputs and saved state, rebuilt from its config and workdir: the public way in for tools.
+
+`train.run` builds its stream and initial parameters with these functions, and `analysis/` (the
+standalone NTK runner, the notebook) rebuilds them here, so both see the same class order, tasks,
+init key (`config.init_key`) and backbone. `load_run` restores a checkpoint's evaluation
+parameters {backbone, peft: {current, ema}, fusion} and prototypes without the trainer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+from typing import Any
+
+import ml_collections
+import numpy as np
+
+from ntkcl_jax import config as config_lib
+from ntkcl_jax.checkpoint import RunCheckpoints
+from ntkcl_jax.data import TaskStream, cap_per_class, class_order, make_source
+from ntkcl_jax.models.ntkcl import ModelSpec, init_params
+from ntkcl_jax.models.vit import load_augreg
+
+__all__ = ["RunState", "build_stream", "initial_params", "load_run", "num_tasks"]
+
+
+def build_stream(config: ml_collections.ConfigDict) -> TaskStream:
+  """Sources, class order (SPEC 2.7) and transforms for `config.data`."""
+  d = config.data
+  data_dir = d.data_dir or None
+  train = cap_per_class(make_source(d.name, "train", data_dir), d.max_train_per_class)
+  test = cap_per_class(make_source(d.name, "test", data_dir), d.max_test_per_class)
+  if train.num_classes != d.num_classes:
+    raise ValueError(
+      f"data.num_classes={d.num_classes} but dataset '{d.name}' has {train.num_classes} classes."
+    )
+  return TaskStream(
+    train,
+    test,
+    order=class_order(config.seed, d.num_classes),
+    init_cls=d.num_classes if config.method == "joint" else d.init_cls,
+    increment=d.increment,
+    image_size=config.backbone.image_size,
+    resize_size=d.resize_size,
+    crop_scale=(d.crop_scale_min, 1.0),
+    value_range=d.value_range,
+  )
+
+
+def num_tasks(config: ml_collections.ConfigDict, stream: TaskStream) -> int:
+  """Tasks the run trains: all of the stream's, or the first `train.max_tasks` (≥ 0)."""
+  if config.train.max_tasks < 0:
+    return stream.num_tasks
+  return min(config.train.max_tasks, stream.num_tasks)
+
+
+def initial_params(config: ml_collections.ConfigDict, spec: ModelSpec) -> dict[str, Any]:
+  """The run's parameters at init: AugReg backbone (or random if no path) and the PEFT init.
+
+  Without `backbone.checkpoint_path` the backbone is random (from the same init key), which the
+  trainer logs as a warning.
+  """
+  backbone = None
+  if config.backbone.checkpoint_path:
+    backbone = load_augreg(config.backbone.checkpoint_path, spec.vit)
+  return init_params(spec, config_lib.init_key(config.seed), backbone)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunState:
+  """A run's state at one checkpoint, for evaluation and analysis.
+
+  Attributes:
+    config, spec, stream: the run's config, model spec and task stream (`build_stream`).
+    num_tasks: tasks the run trains (`num_tasks`).
+    number: the checkpoint number.
+    init: parameters at init (`initial_params`), without proxy head.
+    params: evaluation parameters {backbone, peft: {current, ema}, fusion} at the checkpoint.
+    prototypes: (C, D) host array; rows ≥ `num_seen` zero.
+    tasks_done: tasks finished at the checkpoint (a mid-task checkpoint is inside task
+      `tasks_done`). in_task: whether it is a mid-task checkpoint.
+    num_seen: classes of the finished tasks, the valid prototype rows.
+    accuracy_matrix: (num_tasks, num_tasks) R of the finished tasks, NaN elsewhere.
+    meta: the checkpoint's JSON metadata.
+  """
+
+  config: ml_collections.ConfigDict
+  spec: ModelSpec
+  stream: TaskStream
+  num_tasks: int
+  number: int
+  init: dict[str, Any]
+  params: dict[str, Any]
+  prototypes: np.ndarray
+  tasks_done: int
+  in_task: bool
+  num_seen: int
+  accuracy_matrix: np.ndarray
+  meta: dict[str, Any]
+
+
+def accuracy_matrix(stages: list[dict[str, Any]], num_tasks: int) -> np.ndarray:
+  """R (T, T) from the stage rows so far; NaN above the diagonal and for stages not yet run."""
+  R = np.full((num_tasks, num_tasks), np.nan)
+  for t, s in enumerate(stages):
+    R[t, : t + 1] = s["R_row"]
+  return R
+
+
+def load_run(
+  config: ml_collections.ConfigDict, workdir: str | pathlib.Path, number: int | None = None
+) -> RunState:
+  """Restores checkpoint `number` (default: the latest) of the run of `config` in `workdir`.
+
+  Raises:
+    FileNotFoundError: the workdir has no checkpoint.
+  """
+  import orbax.checkpoint as ocp
+
+  quirks = config_lib.validate(config)
+  spec = config_lib.model_spec(config, quirks)
+  workdir = pathlib.Path(workdir)
+  ckpts = RunCheckpoints(workdir, async_save=False)
+  try:
+    number = ckpts.latest() if number is None else number
+    if number is None:
+      raise FileNotFoundError(f"No checkpoint under {workdir / 'checkpoints'}; train first.")
+    restored = ckpts.manager.restore(
+      number,
+      args=ocp.args.Composite(state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()),
+    )
+  finally:
+    ckpts.close()
+  state, meta = restored["state"], restored["meta"]
+  progress = meta["progress"]
+  stream = build_stream(config)
+  total = num_tasks(config, stream)
+  init = initial_params(config, spec)
+  trained = state["train"]["params"]
+  params = {
+    "backbone": init["backbone"],
+    "peft": {"current": trained["peft"]["current"], "ema": state["ema"]},
+    "fusion": trained["fusion"],
+  }
+  # `progress.task` is the task being trained (in_task) or the next one: either way the number of
+  # finished tasks, whose classes the prototypes hold.
+  done = int(progress["task"])
+  return RunState(
+    config=config,
+    spec=spec,
+    stream=stream,
+    num_tasks=total,
+    number=int(number),
+    init=init,
+    params=params,
+    prototypes=np.asarray(state["prototypes"]),
+    tasks_done=done,
+    in_task=bool(progress["in_task"]),
+    num_seen=sum(stream.task_range(t)[1] for t in range(done)),
+    accuracy_matrix=accuracy_matrix(progress["stages"], total),
+    meta=meta,
+  )
