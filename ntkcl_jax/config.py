@@ -216,7 +216,7 @@ def loss_weights(config: ml_collections.ConfigDict, quirks: Quirks) -> LossWeigh
   )
 
 
-def init_key(seed: int):
+def init_key(seed: int) -> jax.Array:
   """The key of a run's parameter initialisation: `fold_in(key(seed), 10_000)`.
 
   The one place it is written: the trainer, `run_state.load_run` and the notebooks use it, so a

@@ -42,7 +42,9 @@ def batched_apply(
   return stacked, np.concatenate(labels)
 
 
-def predictions(logits: jax.Array, num_seen: jax.Array | int, top_k: int = 5):
+def predictions(
+  logits: jax.Array, num_seen: jax.Array | int, top_k: int = 5
+) -> tuple[jax.Array, jax.Array]:
   """Task-agnostic prediction over the classes seen so far (SPEC 1.6): the one masking rule.
 
   Args:

@@ -11,7 +11,9 @@ from collections.abc import Callable
 
 import numpy as np
 
-REFRESH = ("never", "drift_compensation", "oracle")
+from ntkcl_jax.config import EXTRA_QUIRK_VALUES, QUIRK_VALUES
+
+REFRESH = QUIRK_VALUES["prototype_refresh"] + EXTRA_QUIRK_VALUES["prototype_refresh"]
 
 
 def class_means(features: np.ndarray, labels: np.ndarray, classes: range) -> np.ndarray:

@@ -112,11 +112,19 @@ def load_run(
 ) -> RunState:
   """Restores checkpoint `number` (default: the latest) of the run of `config` in `workdir`.
 
+  Only `method="ntkcl"` runs: the baselines train other parameter trees (a linear head, no
+  fusion) or predict from other features (SimpleCIL's plain ViT CLS token).
+
   Raises:
     FileNotFoundError: the workdir has no checkpoint.
+    ValueError: `config.method` is not "ntkcl".
   """
   import orbax.checkpoint as ocp
 
+  if config.method != "ntkcl":
+    raise ValueError(
+      f"load_run rebuilds NTK-CL runs only; this workdir's method is {config.method!r}."
+    )
   quirks = config_lib.validate(config)
   spec = config_lib.model_spec(config, quirks)
   workdir = pathlib.Path(workdir)

@@ -323,6 +323,7 @@ def run(
       features=features,
     )
 
+  resumed_finished = latest is not None and progress.task >= num_tasks
   if progress.task == 0 and not progress.in_task and latest is None:
     for hook in hooks:
       hook.on_init(view(-1))
@@ -481,10 +482,11 @@ def run(
   }
   for hook in hooks:
     summary.update(hook.summary())
-  # A rerun keeps the sections an earlier run of this workdir wrote and this one did not (a hook
-  # has nothing new to report when every task was already done, e.g. "ntk").
+  # A rerun of a finished run keeps the sections its first run wrote and this one did not (a hook
+  # has nothing new to report when every task was already done, e.g. "ntk"). Only then: a run that
+  # started over (no checkpoint) must not inherit another run's sections.
   summary_path = workdir / "summary.json"
-  if summary_path.exists():
+  if resumed_finished and summary_path.exists():
     for key, value in json.loads(summary_path.read_text()).items():
       summary.setdefault(key, value)
   if is_writer:

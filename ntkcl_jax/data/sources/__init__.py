@@ -20,8 +20,9 @@ Modules, one per source kind: `base` (the protocol, `SubsetSource`, `cap_per_cla
 `ImageFolderSource`, `ManifestSource`), `domainnet` (`domainnet_yaml`), `tfds` (`TFDSSource`),
 `registry` (`BENCHMARKS`, `make_source(name, split, data_dir)`, which picks one per benchmark) and
 `membership` (`manifest_hash` / `source_manifest_hash`: the split-membership hash the trainer stores
-in the checkpoint metadata and checks on resume, SPEC 6, 8). Every public name is importable from
-this package.
+in the checkpoint metadata and checks on resume, SPEC 6, 8). The names below are importable from
+this package; module-level constants and helpers (the Animal-MNIST split constants,
+`domainnet.load_split_yaml`, `files.check_files_exist`) from their module.
 
 Expected on-disk layouts for the folder benchmarks (``imagenet_r``, ``imagenet_a``, ``domainnet``,
 ``oxford_pets``, ``eurosat``, ``plantvillage``, ``vtab``, ``kvasir``), checked in this order:
