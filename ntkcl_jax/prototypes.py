@@ -11,9 +11,9 @@ from collections.abc import Callable
 
 import numpy as np
 
-from ntkcl_jax.config import EXTRA_QUIRK_VALUES, QUIRK_VALUES
+from ntkcl_jax.config import EXTRA_QUIRK_VALUES, QUIRKS
 
-REFRESH = QUIRK_VALUES["prototype_refresh"] + EXTRA_QUIRK_VALUES["prototype_refresh"]
+REFRESH = QUIRKS["prototype_refresh"] + EXTRA_QUIRK_VALUES["prototype_refresh"]
 
 
 def class_means(features: np.ndarray, labels: np.ndarray, classes: range) -> np.ndarray:
