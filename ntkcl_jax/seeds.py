@@ -281,8 +281,13 @@ def put_seed_batch(
 # Stacked pytrees.
 
 
+def _shape(x) -> tuple[int, ...]:
+  """Shape of an array, typed PRNG key array (which NumPy cannot convert) or Python scalar."""
+  return tuple(x.shape) if hasattr(x, "shape") else np.shape(x)
+
+
 def _shape_and_dtype(x) -> tuple[tuple[int, ...], Any]:
-  return tuple(np.shape(x)), getattr(x, "dtype", np.asarray(x).dtype)
+  return _shape(x), x.dtype if hasattr(x, "dtype") else np.asarray(x).dtype
 
 
 def stack_trees(trees: Sequence[Any]) -> Any:
@@ -319,9 +324,9 @@ def unstack_tree(tree: Any, k: int) -> list[Any]:
   Raises ValueError naming a leaf whose leading axis is not k.
   """
   for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
-    if np.ndim(x) < 1 or np.shape(x)[0] != k:
+    if not _shape(x) or _shape(x)[0] != k:
       raise ValueError(
-        f"leaf {jax.tree_util.keystr(path)} has shape {np.shape(x)}, expected leading axis {k}."
+        f"leaf {jax.tree_util.keystr(path)} has shape {_shape(x)}, expected leading axis {k}."
       )
   return [index_tree(tree, i) for i in range(k)]
 

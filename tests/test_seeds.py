@@ -258,7 +258,7 @@ def test_seed_layout_rule_and_errors():
   msg = str(err.value)
   assert "16 devices, 3 seeds" in msg and "train.batch_size=8 is not a multiple of 16" in msg
   assert "2 seeds (2x8) or 4 seeds (4x4)" in msg
-  assert "set train.batch_size=16" in msg and "run on 8 devices (1x8)" in msg
+  assert "set train.batch_size=16" in msg and "run on 12 devices (3x4)" in msg
   with pytest.raises(ValueError, match="must divide both the device count"):
     seeds.seed_layout(4, 8, seed_axis_size=8)
   with pytest.raises(ValueError, match="not a multiple of the 4 devices"):
@@ -314,11 +314,11 @@ def test_zip_seed_batches_from_task_streams_keeps_each_seeds_order():
   """Three TaskStreams with their own class orders (SPEC 2.7): slice i of every stacked batch is
   seed i's own batch, and a seed whose task is shorter gets all-padding batches."""
   rng = np.random.default_rng(0)
-  labels = np.repeat(np.arange(4), 6)
-  labels = labels[labels != 3][:-2]  # class 3 absent, class 2 short: task sizes differ by seed
+  labels = np.repeat(np.arange(4), [1, 2, 4, 8])  # task 0 size depends on which classes it gets
   source = ArraySource(
     rng.integers(0, 255, (labels.size, 12, 12, 3), np.uint8), labels, list("abcd"), name="toy"
   )
+  run_seeds = (0, 3, 1)  # task 0 = original classes {2, 3}, {3, 1}, {3, 2}: 12, 10, 12 images
   streams = [
     TaskStream(
       source,
@@ -330,23 +330,24 @@ def test_zip_seed_batches_from_task_streams_keeps_each_seeds_order():
       resize_size=10,
       num_workers=0,
     )
-    for s in range(3)
+    for s in run_seeds
   ]
-  per_seed = [list(st.train_batches(0, 0, 4, seed=s)) for s, st in enumerate(streams)]
-  assert len({len(b) for b in per_seed}) > 1  # class orders make the seeds' task 0 differ in size
+  per_seed = [list(st.train_batches(0, 0, 2, seed=s)) for s, st in zip(run_seeds, streams)]
+  assert [len(b) for b in per_seed] == [6, 5, 6]
   zipped = list(
-    seeds.zip_seed_batches(st.train_batches(0, 0, 4, seed=s) for s, st in enumerate(streams))
+    seeds.zip_seed_batches(st.train_batches(0, 0, 2, seed=s) for s, st in zip(run_seeds, streams))
   )
-  assert len(zipped) == max(len(b) for b in per_seed)
+  assert len(zipped) == 6
   for step, batch in enumerate(zipped):
-    assert batch["image"].shape == (3, 4, 8, 8, 3) and batch["mask"].shape == (3, 4)
-    for s in range(3):
-      if step < len(per_seed[s]):
-        for k, v in per_seed[s][step].items():
-          np.testing.assert_array_equal(batch[k][s], v)
+    assert batch["image"].shape == (3, 2, 8, 8, 3) and batch["mask"].shape == (3, 2)
+    for i in range(3):
+      if step < len(per_seed[i]):
+        for k, v in per_seed[i][step].items():
+          np.testing.assert_array_equal(batch[k][i], v)
       else:
-        assert not batch["mask"][s].any() and (batch["index"][s] == -1).all()
-        assert not batch["image"][s].any()
+        assert not batch["mask"][i].any() and (batch["index"][i] == -1).all()
+        assert not batch["image"][i].any()
+  assert not np.array_equal(zipped[0]["label"][0], zipped[0]["label"][2])  # own class orders
   with pytest.raises(ValueError, match="does not match the others"):
     list(seeds.zip_seed_batches([[{"x": np.zeros(2)}], [{"x": np.zeros(3)}]]))
 
