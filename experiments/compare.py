@@ -10,7 +10,6 @@ interrupted one resumes), then `<out>/results.md`, `<out>/results.csv` and `<out
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import pathlib
 import subprocess
@@ -18,7 +17,8 @@ import sys
 
 import numpy as np
 
-from ntkcl_jax.metrics import seed_mean_std
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from ntkcl_jax import report
 
 # name -> config overrides (each a `--config.key=value`); baselines and ablations are switches.
 VARIANTS = {
@@ -68,35 +68,8 @@ def main() -> None:
   rows = []
   for variant in variants:
     runs = [run_one(args.config, variant, s, args.out, args.extra.split()) for s in seeds]
-    stats = [seed_mean_std([r[k] for r in runs]) for k in ("avg_acc", "last_acc", "forgetting")]
-    rows.append((variant, *(v for mean_std in stats for v in mean_std)))
-  args.out.mkdir(parents=True, exist_ok=True)
-  with open(args.out / "results.csv", "w", newline="") as f:
-    w = csv.writer(f)
-    w.writerow(
-      [
-        "variant",
-        "avg_acc_mean",
-        "avg_acc_std",
-        "last_acc_mean",
-        "last_acc_std",
-        "forgetting_mean",
-        "forgetting_std",
-      ]
-    )
-    w.writerows([(r[0], *(f"{v:.4f}" for v in r[1:])) for r in rows])
-  lines = [
-    f"Seeds {seeds}; mean ± std (ddof 0), %.",
-    "",
-    "| variant | Ā | A_T | forgetting |",
-    "|---|---|---|---|",
-  ]
-  lines += [
-    f"| {r[0]} | {r[1]:.2f} ± {r[2]:.2f} | {r[3]:.2f} ± {r[4]:.2f} | {r[5]:.2f} ± {r[6]:.2f} |"
-    for r in rows
-  ]
-  (args.out / "results.md").write_text("\n".join(lines) + "\n")
-  print("\n".join(lines))
+    rows.append(report.seed_row(variant, runs))
+  print(report.write_seed_results(args.out, seeds, rows), end="")
 
   import matplotlib
 

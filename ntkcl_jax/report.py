@@ -1,11 +1,15 @@
-"""Result plots and the console table of a run (reads only `summary.json`-shaped dicts)."""
+"""Result plots and tables of runs (reads only `summary.json`-shaped dicts)."""
 
 from __future__ import annotations
 
+import csv
 import pathlib
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+
+from ntkcl_jax.metrics import seed_mean_std
 
 
 def results_table(summary: dict[str, Any]) -> str:
@@ -19,6 +23,52 @@ def results_table(summary: dict[str, Any]) -> str:
   lines = ["| metric | value (%) |", "|---|---|"]
   lines += [f"| {name} | {value:.2f} |" for name, value in rows]
   return "\n".join(lines)
+
+
+SEED_COLUMNS = (
+  "variant",
+  "avg_acc_mean",
+  "avg_acc_std",
+  "last_acc_mean",
+  "last_acc_std",
+  "forgetting_mean",
+  "forgetting_std",
+)
+
+
+def seed_row(variant: str, summaries: Sequence[dict[str, Any]]) -> tuple:
+  """(variant, Ā mean, Ā std, A_T mean, A_T std, F mean, F std) over seeds, std with ddof 0."""
+  stats = [seed_mean_std([s[k] for s in summaries]) for k in ("avg_acc", "last_acc", "forgetting")]
+  return (variant, *(v for mean_std in stats for v in mean_std))
+
+
+def write_seed_results(
+  out_dir: str | pathlib.Path, seeds: Sequence[int], rows: Sequence[tuple]
+) -> str:
+  """`results.csv` and `results.md` in `out_dir` from `seed_row` rows; returns the Markdown.
+
+  The format of `experiments/compare.py` (and, later, of a stacked multi-seed run): the CSV has
+  `SEED_COLUMNS` with 4 decimals, the Markdown one "mean ± std" cell per metric, 2 decimals, %.
+  """
+  out_dir = pathlib.Path(out_dir)
+  out_dir.mkdir(parents=True, exist_ok=True)
+  with open(out_dir / "results.csv", "w", newline="") as f:
+    w = csv.writer(f)
+    w.writerow(SEED_COLUMNS)
+    w.writerows([(r[0], *(f"{v:.4f}" for v in r[1:])) for r in rows])
+  lines = [
+    f"Seeds {list(seeds)}; mean ± std (ddof 0), %.",
+    "",
+    "| variant | Ā | A_T | forgetting |",
+    "|---|---|---|---|",
+  ]
+  lines += [
+    f"| {r[0]} | {r[1]:.2f} ± {r[2]:.2f} | {r[3]:.2f} ± {r[4]:.2f} | {r[5]:.2f} ± {r[6]:.2f} |"
+    for r in rows
+  ]
+  text = "\n".join(lines) + "\n"
+  (out_dir / "results.md").write_text(text)
+  return text
 
 
 def pyplot():
