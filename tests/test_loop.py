@@ -4,6 +4,7 @@ pins resume and the NaN stop end to end; tests/test_train.py 1 vs 8 devices)."""
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 
@@ -186,3 +187,24 @@ def test_precision_settings_compute_the_same_on_cpu():
   f = lambda a, b: jnp.tanh(a @ b) @ b.T  # noqa: E731
   outs = [np.asarray(jax.jit(with_matmul_precision(f, p))(x, w)) for p in ("default", "highest")]
   np.testing.assert_array_equal(outs[0], outs[1])
+
+
+def test_old_workdirs_resume_and_new_output_keys_never_bind(tmp_path):
+  from tests import tiny_configs as tc
+
+  config = tc.tiny_config()
+  train.check_workdir_config(tmp_path, config, write=True)
+  (tmp_path / "checkpoints" / "3").mkdir(parents=True)  # the workdir now holds a run
+  path = tmp_path / "config.json"
+  old = json.loads(path.read_text())
+  for key in ("model.matmul_precision", "train.platform", "train.prefetch_batches"):
+    del old[key]  # as written before issue 12
+  path.write_text(json.dumps(old))
+  train.check_workdir_config(tmp_path, config, write=True)  # defaults reproduce the old runs
+  config.train.platform, config.train.prefetch_batches = "cpu", 5
+  train.check_workdir_config(tmp_path, config, write=True)  # output-only
+  config.model.matmul_precision = "default"
+  with pytest.raises(
+    train.WorkdirMismatchError, match=r"model\.matmul_precision: None -> 'default'"
+  ):
+    train.check_workdir_config(tmp_path, config, write=True)
