@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import importlib.util
 import json
 import math
@@ -207,6 +206,7 @@ def bench_loop(config, repeats: int) -> dict[str, Any]:
     "step_compile_s": compile_s,
     "step_alone_img_s": alone,
     "trainer_img_s": [tr["img_s"] for tr in trainer],
+    "checkpoint_seconds": [round(tr["checkpoint_seconds"], 2) for tr in trainer],
     "ratio": ratios,
     "ratio_median": statistics.median(ratios),
     "step_ms": 1e3 * B / statistics.median(alone),
@@ -313,6 +313,7 @@ def main() -> None:
   p.add_argument("--override", action="append", default=[], help="key=value (repeatable)")
   p.add_argument("--repeats", type=int, default=2, help="trainer runs (alternating with steps)")
   p.add_argument("--skip-loop", action="store_true", help="pipeline and feed only")
+  p.add_argument("--skip-host", action="store_true", help="loop only (no pipeline, no feed)")
   p.add_argument("--pipeline-size", type=int, default=224, help="output side of the ViT transform")
   p.add_argument("--pipeline-images", type=int, default=128, help="images per pipeline epoch")
   p.add_argument("--pipeline-batch", type=int, default=32)
@@ -336,6 +337,43 @@ def main() -> None:
     "backend": sharding.backend_info(),
   }
   # 2. host pipeline first (no compiled program competing for the cores yet)
+  P = args.pipeline_size
+  if not args.skip_host:
+    host_part(args, out)
+  if not args.skip_loop:
+    config = load_config(args.config, args.override)
+    loop = bench_loop(config, args.repeats)
+    out["loop"] = loop
+    print(
+      f"loop: trainer {[round(x) for x in loop['trainer_img_s']]} img/s vs step alone "
+      f"{[round(x) for x in loop['step_alone_img_s']]} img/s; ratio {loop['ratio_median']:.3f} "
+      f"(step {loop['step_ms']:.1f} ms, B={loop['batch_size']}, {loop['timed_steps']} steps; "
+      f"checkpoint saves {loop['checkpoint_seconds']} s, not in the trainer's time)"
+    )
+    args.step_ms.append(loop["step_ms"])
+  if not args.skip_host:
+    per_core = out["pipeline"][f"{P}px_from_375x500"]["img_per_cpu_s"]
+    out["threads_needed"] = [
+      {
+        "step_ms": ms,
+        "batch_size": args.pipeline_batch,
+        "pipeline": f"{P}px_from_375x500",
+        "cores": threads_needed(per_core, args.pipeline_batch, ms),
+      }
+      for ms in args.step_ms
+    ]
+    for t in out["threads_needed"]:
+      print(
+        f"{P} px pipeline feeding a {t['step_ms']:.1f} ms step of {t['batch_size']}: "
+        f"{t['cores']} core(s) (linear scaling from one core)"
+      )
+  out["load_avg_end"] = os.getloadavg()[0]
+  if args.json:
+    print(json.dumps(out, default=str))
+
+
+def host_part(args, out: dict[str, Any]) -> None:
+  """Pipeline rates (2.) and feed threads (3.) into `out`."""
   P = args.pipeline_size
   out["pipeline"] = {
     f"{P}px_from_32x32": pipeline_rate(
@@ -361,38 +399,6 @@ def main() -> None:
     f" ratio by threads {[(m['threads'], round(m['ratio'], 3)) for m in f['measured']]}; "
     f">= 0.95 with {f['threads_for_095']} thread(s) (estimate {f['threads_estimate']})"
   )
-  if not args.skip_loop:
-    config = load_config(args.config, args.override)
-    loop = bench_loop(config, args.repeats)
-    out["loop"] = loop
-    print(
-      f"loop: trainer {[round(x) for x in loop['trainer_img_s']]} img/s vs step alone "
-      f"{[round(x) for x in loop['step_alone_img_s']]} img/s; ratio {loop['ratio_median']:.3f} "
-      f"(step {loop['step_ms']:.1f} ms, B={loop['batch_size']}, {loop['timed_steps']} steps)"
-    )
-    args.step_ms.append(loop["step_ms"])
-  per_core = out["pipeline"][f"{P}px_from_375x500"]["img_per_cpu_s"]
-  out["threads_needed"] = [
-    {
-      "step_ms": ms,
-      "batch_size": args.pipeline_batch,
-      "pipeline": f"{P}px_from_375x500",
-      "cores": threads_needed(per_core, args.pipeline_batch, ms),
-    }
-    for ms in args.step_ms
-  ]
-  for t in out["threads_needed"]:
-    print(
-      f"{P} px pipeline feeding a {t['step_ms']:.1f} ms step of {t['batch_size']}: "
-      f"{t['cores']} core(s) (linear scaling from one core)"
-    )
-  out["load_avg_end"] = os.getloadavg()[0]
-  if args.json:
-    print(
-      json.dumps(
-        out, default=lambda o: dataclasses.asdict(o) if dataclasses.is_dataclass(o) else str(o)
-      )
-    )
 
 
 if __name__ == "__main__":
