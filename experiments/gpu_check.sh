@@ -14,7 +14,7 @@
 #   loop.json           bench_loop.py: trainer vs jitted step on the demo, host pipeline rate at
 #                       224 px per core, cores needed to feed the measured step
 #   summary.txt         the printed lines of all of the above
-# Each part has its own time limit, so one failure does not lose the others.
+# Each part has its own time limit (4 x 130 s), so one failure does not lose the others.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-experiments/results/gpu/$(date -u +%Y%m%d-%H%M%S)}
@@ -54,10 +54,10 @@ part() {  # part <name> <limit_s> <command...>: JSON (last stdout line) to OUT/<
 
 STEP=(python experiments/bench_step.py --size vitb --ptm off --phase train --repeats 10
       --dot-size 8192 --dot-repeats 10 --json)
-part step_f32 150 "${STEP[@]}" --dtype float32
-JAX_DEFAULT_MATMUL_PRECISION=highest part step_f32_highest 150 "${STEP[@]}" --dtype float32
-part step_bf16 150 "${STEP[@]}" --dtype bfloat16
-part loop 150 python experiments/bench_loop.py --repeats 2 --pipeline-images 256 --json
+part step_f32 130 "${STEP[@]}" --dtype float32
+part step_f32_highest 130 env JAX_DEFAULT_MATMUL_PRECISION=highest "${STEP[@]}" --dtype float32
+part step_bf16 130 "${STEP[@]}" --dtype bfloat16
+part loop 130 python experiments/bench_loop.py --repeats 2 --pipeline-images 256 --json
 
 python - "$OUT" <<'EOF' | tee -a "$LOG"
 import json, pathlib, sys
