@@ -1,14 +1,97 @@
 #!/usr/bin/env bash
-# Runs one NTK-CL config on every worker of a Cloud TPU pod slice (all workers, same command).
+# Runs one NTK-CL config on every worker of a Cloud TPU pod slice: checks out a given commit on each
+# worker, installs it with the TPU extra, and starts the same command everywhere under nohup, one
+# log per worker. Returns once every worker has started; rerunning the same command resumes.
 #
-#   experiments/launch_tpu_pod.sh <tpu-name> <zone> <config-with-args> <workdir>
-#   e.g. experiments/launch_tpu_pod.sh my-v4-32 us-central2-b \
-#          "experiments/configs/cifar100.py:backbone=in21k,weights_dir=/mnt/weights" /mnt/runs/cifar_s0
+#   experiments/launch_tpu_pod.sh [--dry-run] [--project P] [--repo URL] [--dir DIR] \
+#       <tpu-name> <zone> <commit> <config-with-args> <workdir>
+#   e.g. experiments/launch_tpu_pod.sh my-v4-32 us-central2-b 1a2b3c4 \
+#          "experiments/configs/cifar100.py:backbone=in21k" /mnt/shared/runs/cifar_s0
 #
-# Each worker calls jax.distributed.initialize() (--multihost), reads its own shard of every
-# global batch, and only process 0 writes metrics/summary. The workdir must be on a filesystem all
-# workers share (NFS / a GCS FUSE mount), so that a rerun of this same command resumes.
+# --dry-run prints every gcloud command (one per line, shell-quoted) instead of running it.
+# --repo (default: this checkout's `origin` URL) is cloned on each worker into --dir (default
+# ~/ntkcl-jax) and <commit> checked out; with --repo local, the commit is packed here with
+# `git archive` and copied to every worker with `gcloud ... scp --worker=all` instead (workers
+# without access to the repository). Each worker installs into --dir/.venv:
+#   pip install -r requirements.txt -e ".[tpu]"
+# then runs `python -m ntkcl_jax.main --config <config> --workdir <workdir> --multihost
+# --config.train.platform=tpu` under nohup, writing <dir>/logs/worker-<i>.log on worker i
+# (fetch them with `gcloud compute tpus tpu-vm ssh <tpu> --worker=<i> --command 'tail ...'`).
+#
+# The workdir must be one directory all workers see (NFS / Filestore, or a GCS bucket mounted
+# with gcsfuse); see README "GPU / TPU". Process 0 writes metrics and summaries; every process
+# writes its part of each checkpoint.
 set -euo pipefail
-TPU=$1 ZONE=$2 CONFIG=$3 WORKDIR=$4
-gcloud compute tpus tpu-vm ssh "$TPU" --zone "$ZONE" --worker=all --command "
-  cd ~/ntkcl-jax && python -m ntkcl_jax.main --config '$CONFIG' --workdir '$WORKDIR' --multihost"
+
+DRY_RUN=0 PROJECT="" REPO="" DIR='~/ntkcl-jax'
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --dry-run) DRY_RUN=1; shift ;;
+    --project) PROJECT=$2; shift 2 ;;
+    --repo) REPO=$2; shift 2 ;;
+    --dir) DIR=$2; shift 2 ;;
+    -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
+    --*) echo "error: unknown option $1" >&2; exit 2 ;;
+    *) break ;;
+  esac
+done
+if [[ $# -ne 5 ]]; then
+  echo "usage: $0 [--dry-run] [--project P] [--repo URL|local] [--dir DIR] <tpu-name> <zone> <commit> <config> <workdir>" >&2
+  exit 2
+fi
+TPU=$1 ZONE=$2 COMMIT=$3 CONFIG=$4 WORKDIR=$5
+HERE=$(cd "$(dirname "$0")/.." && pwd)
+if [[ -z "$REPO" ]]; then
+  REPO=$(git -C "$HERE" remote get-url origin 2>/dev/null || true)
+  if [[ -z "$REPO" ]]; then
+    echo "error: no 'origin' remote in $HERE; pass --repo URL, or --repo local to copy the commit" >&2
+    exit 2
+  fi
+fi
+if ! [[ "$COMMIT" =~ ^[0-9a-fA-F]{7,40}$ ]]; then
+  echo "error: <commit> must be a commit hash (7-40 hex digits), got '$COMMIT'" >&2
+  exit 2
+fi
+
+GCLOUD=(gcloud compute tpus tpu-vm)
+COMMON=(--zone "$ZONE")
+[[ -n "$PROJECT" ]] && COMMON+=(--project "$PROJECT")
+
+run() {  # prints the command (dry run) or runs it
+  if [[ $DRY_RUN == 1 ]]; then
+    printf '%q ' "$@" | sed 's/ $//'
+    echo
+  else
+    "$@"
+  fi
+}
+
+q() { printf '%q' "$1"; }
+
+# 1. Code on every worker, at exactly <commit>.
+if [[ "$REPO" == local ]]; then
+  TARBALL="/tmp/ntkcl-jax-$COMMIT.tar.gz"
+  if [[ $DRY_RUN == 1 ]]; then
+    echo "git -C $(q "$HERE") archive --format=tar.gz -o $(q "$TARBALL") $COMMIT"
+  else
+    git -C "$HERE" archive --format=tar.gz -o "$TARBALL" "$COMMIT"
+  fi
+  run "${GCLOUD[@]}" scp "$TARBALL" "$TPU:/tmp/" --worker=all "${COMMON[@]}"
+  FETCH="rm -rf $DIR && mkdir -p $DIR && tar -xzf $(q "$TARBALL") -C $DIR"
+else
+  FETCH="(test -d $DIR/.git || git clone $(q "$REPO") $DIR) && cd $DIR && git fetch --quiet origin && git checkout --quiet --detach $COMMIT"
+fi
+
+# 2. Install with the TPU extra (the same JAX pin as requirements.txt) into a venv.
+INSTALL="cd $DIR && python3 -m venv .venv && . .venv/bin/activate && pip install --quiet --upgrade pip && pip install --quiet -r requirements.txt -e '.[tpu]'"
+run "${GCLOUD[@]}" ssh "$TPU" --worker=all "${COMMON[@]}" --command "set -e; $FETCH && $INSTALL"
+
+# 3. Start the run under nohup on every worker, one log each; the ssh returns once started.
+# TPU_WORKER_ID is set on every Cloud TPU VM worker (0 .. n-1).
+MAIN="python -m ntkcl_jax.main --config $(q "$CONFIG") --workdir $(q "$WORKDIR") --multihost --config.train.platform=tpu"
+START="cd $DIR && . .venv/bin/activate && mkdir -p logs && W=\${TPU_WORKER_ID:-\$(hostname)} && nohup $MAIN > logs/worker-\$W.log 2>&1 < /dev/null & echo started worker \${TPU_WORKER_ID:-\$(hostname)} pid \$!"
+run "${GCLOUD[@]}" ssh "$TPU" --worker=all "${COMMON[@]}" --command "$START"
+
+if [[ $DRY_RUN == 0 ]]; then
+  echo "Started on every worker of $TPU. Logs: $DIR/logs/worker-<i>.log on worker i; workdir $WORKDIR."
+fi

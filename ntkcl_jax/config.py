@@ -142,6 +142,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.tensorboard = True  # event files in workdir/tensorboard when tensorboardX is installed
   c.train.checkpoint_every_steps = 500
   c.train.max_tasks = -1  # -1: all tasks; a positive number truncates the stream.
+  # -- accelerator path (issue 12): precision of every traced matmul, expected backend, prefetch
+  c.model.matmul_precision = "highest"  # default | high | highest (PyTorch float32 = highest)
+  c.train.platform = "any"  # any | cpu | gpu | tpu: fail at start when that backend is absent
+  c.train.prefetch_batches = 2  # host batches built and placed ahead of the step (>= 1)
 
   c.loss = ml_collections.ConfigDict()
   c.loss.lambda_mi = 0.2  # = the reference's nce_temp (0.03 for CIFAR-100)
@@ -237,6 +241,8 @@ _CHOICES = {
   "model.dtype": ("float32", "bfloat16"),
   "model.remat": tuple(REMAT_POLICIES),
   "data.value_range": ("0_1", "-1_1"),
+  "model.matmul_precision": ("default", "high", "highest"),
+  "train.platform": ("any", "cpu", "gpu", "tpu"),
   "analysis.output": ("fused_feature", "prototype_logits", "proxy_logits"),
   "analysis.projection": ("gaussian", "exact"),
   "analysis.params": ("peft", "peft+fusion", "all_trainable"),
@@ -284,7 +290,7 @@ def validate(config: ml_collections.ConfigDict) -> Quirks:
       f"backbone.image_size={config.backbone.image_size} is not divisible by "
       f"backbone.patch_size={config.backbone.patch_size}."
     )
-  for key in ("train.batch_size", "train.epochs", "eval.batch_size"):
+  for key in ("train.batch_size", "train.epochs", "eval.batch_size", "train.prefetch_batches"):
     if got[key] < 1:
       raise ValueError(f"{key}={got[key]} must be >= 1.")
   quirks = resolve_quirks(config.mode, dict(config.quirks))

@@ -3,7 +3,9 @@
 Kept short so the logic stays importable (`ntkcl_jax.train.run`). Rerunning the same command on
 the same workdir resumes; `--config.key=value` overrides (unknown keys are an error listing the
 valid ones). On multi-host systems (TPU pod slices) every worker runs the same command with
-`--multihost` (or the explicit `--coordinator_address/--num_processes/--process_id`).
+`--multihost` (or the explicit `--coordinator_address/--num_processes/--process_id`); see
+`experiments/launch_tpu_pod.sh`. `--config.train.platform=gpu|tpu|cpu` stops at start when JAX
+did not get that backend (a CUDA or TPU install that silently fell back to CPU).
 """
 
 from __future__ import annotations
@@ -101,6 +103,12 @@ def main(argv: list[str]) -> int:
   from ntkcl_jax.models.vit import CheckpointMismatchError
 
   config = _CONFIG.value
+  if "://" in _WORKDIR.value:  # pathlib would turn gs://b/x into a local directory gs:/b/x
+    _fail(
+      f"--workdir={_WORKDIR.value}: the workdir must be a filesystem path (metrics.jsonl and "
+      "config.json are written with open()); mount the bucket with gcsfuse and pass the mount "
+      'path (README "GPU / TPU").'
+    )
   hooks = []
   try:
     if config.analysis.enabled:

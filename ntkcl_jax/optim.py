@@ -62,23 +62,29 @@ def merge(*trees: Mapping[str, Any]) -> dict[str, Any]:
   return traverse_util.unflatten_dict(flat, sep="/")
 
 
+def epoch_cosine_lr(step, lr0, epochs, steps_per_epoch):
+  """½·lr0·(1 + cos(π·⌊step/S⌋/E)) for a traced or concrete step (and traced lr0, E, S).
+
+  The trainer calls this inside the jitted step with `TrainState.step` and the task's (lr0, E, S)
+  as traced scalars, so the host never computes a learning rate and a new task's S does not
+  recompile the step.
+  """
+  epoch = jnp.floor_divide(step, steps_per_epoch)
+  return 0.5 * lr0 * (1.0 + jnp.cos(math.pi * epoch / epochs))
+
+
 def epoch_cosine_schedule(lr0: float, epochs: int, steps_per_epoch: int) -> optax.Schedule:
   """lr(step) = ½·lr0·(1 + cos(π·⌊step/S⌋/E)): per-epoch cosine, no warmup, η_min = 0 (SPEC 2.5)."""
   if steps_per_epoch < 1 or epochs < 1:
     raise ValueError(f"Need epochs >= 1 and steps_per_epoch >= 1, got {epochs}, {steps_per_epoch}.")
-
-  def schedule(step):
-    epoch = jnp.floor_divide(step, steps_per_epoch)
-    return 0.5 * lr0 * (1.0 + jnp.cos(math.pi * epoch / epochs))
-
-  return schedule
+  return lambda step: epoch_cosine_lr(step, lr0, epochs, steps_per_epoch)
 
 
 def make_optimizer(weight_decay: float, momentum: float = 0.9) -> optax.GradientTransformation:
   """chain(add_decayed_weights(wd), trace(momentum)): PyTorch SGD's update *direction*.
 
-  The step multiplies the result by −lr(step), with lr from `epoch_cosine_schedule` evaluated on
-  the host and passed in as a traced scalar; together this is exactly
+  The step multiplies the result by −lr(step), with lr from `epoch_cosine_lr` evaluated inside the
+  jitted step on the step counter (`train_step.make_loop_step`); together this is exactly
   `chain(add_decayed_weights(wd), sgd(schedule, momentum))` (tested), but a task's schedule does
   not have to be baked into the compiled step. Applied to the `train` partition only; weight
   decay hits every trainable leaf (biases, β, σ, proxy head included), as PyTorch SGD does.

@@ -59,3 +59,40 @@ def to_host(tree: Any) -> Any:
   if jax.process_count() == 1:
     return jax.device_get(tree)
   return multihost_utils.process_allgather(tree, tiled=True)
+
+
+PLATFORMS = ("any", "cpu", "gpu", "tpu")
+
+
+def backend_info(platform: str = "any") -> dict[str, Any]:
+  """What this run got: backend, device kind, device and process counts (logged, in summary.json).
+
+  Args:
+    platform: `train.platform`; "any" accepts whatever JAX initialised, "cpu" / "gpu" / "tpu"
+      raise when the default backend is another one (e.g. a CUDA install that silently fell back
+      to CPU).
+  Raises:
+    ValueError: naming the backend found, the devices, and how to install the missing one.
+  """
+  if platform not in PLATFORMS:
+    raise ValueError(f"train.platform={platform!r}; valid: {PLATFORMS}.")
+  devices = jax.devices()
+  info = {
+    "backend": jax.default_backend(),
+    "device_kind": devices[0].device_kind,
+    "device_count": jax.device_count(),
+    "local_device_count": jax.local_device_count(),
+    "process_count": jax.process_count(),
+    "jax_version": jax.__version__,
+  }
+  if platform != "any" and info["backend"] != platform:
+    extra = {"gpu": "cuda12", "tpu": "tpu"}.get(platform)
+    install = (
+      f' Install it with: pip install -e ".[{extra}]" (README "GPU / TPU").' if extra else ""
+    )
+    raise ValueError(
+      f"train.platform={platform!r} but JAX's backend is {info['backend']!r} "
+      f"({info['device_count']} x {info['device_kind']}, jax {info['jax_version']}).{install} "
+      "Or pass --config.train.platform=any to run on what is there."
+    )
+  return info

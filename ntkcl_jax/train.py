@@ -7,6 +7,7 @@ switches (`method`, loss weights, `model.name`, `train.use_ema`), not forks.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -32,24 +33,30 @@ from ntkcl_jax.baselines import (
   make_linear_train_step,
 )
 from ntkcl_jax.checkpoint import RunCheckpoints
+from ntkcl_jax.data.prefetch import prefetch
 from ntkcl_jax.data.sources import check_membership, membership
 from ntkcl_jax.ema import ema_update
 from ntkcl_jax.evaluate import batched_apply, evaluate_stage, make_predict_fn
 from ntkcl_jax.hooks import TaskHook, TaskView
 from ntkcl_jax.models.ntkcl import NTKCL
 from ntkcl_jax.models.vit import VisionTransformer
-from ntkcl_jax.optim import epoch_cosine_schedule, make_optimizer
+from ntkcl_jax.optim import make_optimizer
 from ntkcl_jax.run_state import accuracy_matrix, build_stream, initial_params
 from ntkcl_jax.run_state import num_tasks as count_tasks
 from ntkcl_jax.train_step import (
+  Health,
   TaskInfo,
+  TaskSchedule,
   TrainState,
+  bad_term_names,
   init_proxy_head,
   make_eval_fn,
   make_feature_fn,
+  make_loop_step,
   make_train_step,
   reg_targets,
   split_trainable,
+  with_matmul_precision,
 )
 
 log = logging.getLogger("ntkcl_jax")
@@ -75,9 +82,11 @@ def _write_json(path: pathlib.Path, obj: Any) -> None:
 
 
 # Keys that change what a run writes beside its results, never the results: free on resume.
-_OUTPUT_ONLY_KEYS = ("train.tensorboard",)
+_OUTPUT_ONLY_KEYS = ("train.tensorboard", "train.platform", "train.prefetch_batches")
 # Keys added to the schema later, with the value that behaves like the code before them.
-_SCHEMA_ADDITIONS = {"model.remat": "none"}
+# matmul_precision: every workdir before the key was made on CPU, where XLA computes float32
+# dots identically at every precision (tested), so "highest" reproduces them.
+_SCHEMA_ADDITIONS = {"model.remat": "none", "model.matmul_precision": "highest"}
 
 
 def check_workdir_config(workdir: pathlib.Path, config: ml_collections.ConfigDict, write: bool):
@@ -125,11 +134,13 @@ class _Progress:
 
       self.bar = tqdm(total=total, initial=done, desc=f"task {t}", leave=False)
 
-  def update(self, t: int, step: int, total: int, terms: dict[str, float]):
+  def update(self, t: int, step: int, total: int, terms: dict[str, float] | None):
+    """`terms` is None on steps whose terms stay on the device (not log or checkpoint steps)."""
     if self.bar is not None:
       self.bar.update(1)
-      self.bar.set_postfix(loss=f"{terms['total']:.4f}")
-    elif self.enabled and (step % self.every == 0 or step == total):
+      if terms is not None:
+        self.bar.set_postfix(loss=f"{terms['total']:.4f}")
+    elif self.enabled and terms is not None and (step % self.every == 0 or step == total):
       log.info("task %d step %d/%d loss %.4f", t, step, total, terms["total"])
 
   def close(self):
@@ -157,19 +168,6 @@ class _Run:
   stages: list = dataclasses.field(default_factory=list)
 
 
-def _check_finite(terms: dict[str, float], quirks: config_lib.Quirks, where: str) -> None:
-  ce_or_total = [k for k in terms if k.startswith("ce_") or k == "total"]
-  aux = [k for k in ("mi", "orth", "reg") if k in terms]
-  check = ce_or_total + (aux if quirks.nonfinite_aux == "mask_or_raise" else [])
-  bad = [k for k in check if not np.isfinite(terms[k])]
-  if bad:
-    raise NonFiniteLossError(
-      f"Non-finite loss term(s) {bad} at {where}. The run stopped; the last good checkpoint is "
-      "kept in the workdir. Lower train.lr in a new --workdir (this one is bound to its config), "
-      "or fix the data and rerun the same command to resume."
-    )
-
-
 def run(
   config: ml_collections.ConfigDict,
   workdir: str | os.PathLike,
@@ -185,6 +183,13 @@ def run(
   workdir = pathlib.Path(workdir)
   is_writer = jax.process_index() == 0
   check_workdir_config(workdir, config, is_writer)
+  backend = sharding.backend_info(config.train.platform)
+  log.info(
+    "backend %s: %d x %s (%d local), %d process(es), jax %s",
+    *(backend[k] for k in ("backend", "device_count", "device_kind", "local_device_count")),
+    backend["process_count"],
+    backend["jax_version"],
+  )
 
   # -- data -------------------------------------------------------------------------------------
   stream = build_stream(config)
@@ -287,15 +292,23 @@ def run(
   step_fn = (
     make_linear_train_step(model, tx) if linear else make_train_step(model, weights, tx, batch_size)
   )
-  train_step = jax.jit(step_fn, donate_argnums=(0,))
-  linear_predict = jax.jit(make_linear_predict(model))
+  precision = config.model.matmul_precision
+  check_aux = quirks.nonfinite_aux == "mask_or_raise"
+  train_step = jax.jit(
+    with_matmul_precision(make_loop_step(step_fn, check_aux), precision), donate_argnums=(0, 1)
+  )
+  linear_predict = jax.jit(with_matmul_precision(make_linear_predict(model), precision))
   if simplecil:  # prototypes of the plain pre-trained ViT's CLS feature, one logit section
     vit = VisionTransformer(spec.vit, dtype=spec.dtype)
-    features = jax.jit(lambda p, x: vit.apply({"params": p["backbone"]}, x))
-    predict = jax.jit(make_predict_fn(features, (1.0,)))
+    features = jax.jit(
+      with_matmul_precision(lambda p, x: vit.apply({"params": p["backbone"]}, x), precision)
+    )
+    predict = jax.jit(with_matmul_precision(make_predict_fn(features, (1.0,)), precision))
   else:
-    features = jax.jit(make_feature_fn(model))
-    predict = jax.jit(make_eval_fn(model, config_lib.section_weights(config)))
+    features = jax.jit(with_matmul_precision(make_feature_fn(model), precision))
+    predict = jax.jit(
+      with_matmul_precision(make_eval_fn(model, config_lib.section_weights(config)), precision)
+    )
 
   def eval_params(st, ema=None):
     return {
@@ -359,12 +372,12 @@ def run(
 
   # -- tasks ------------------------------------------------------------------------------------
   bar = _Progress(is_writer, config.train.log_every_steps)
+  train_loop_time: list[dict[str, Any]] = []
   epochs = 0 if simplecil else config.train.epochs
   for t in range(progress.task, num_tasks):
     k_t, s_t = splits[t]
     task_key = jax.random.fold_in(root_key, t)
     steps = stream.steps_per_epoch(t, batch_size)
-    lr_at = epoch_cosine_schedule(config.train.lr, max(epochs, 1), steps)
     if not progress.in_task:  # fresh proxy head and optimiser state (SPEC 2.4 step 1)
       params_t = dict(state["train"].params)
       if not linear:  # the baselines' linear head persists across tasks
@@ -391,48 +404,84 @@ def run(
     frozen_t = {"backbone": frozen_backbone, "peft": {"ema": state["ema"]}}
 
     bar.start(t, epochs * steps, progress.epoch * steps + progress.step_in_epoch)
-    for epoch in range(progress.epoch, epochs):
-      batches = stream.train_batches(
-        t,
-        epoch,
-        batch_size,
-        seed=config.seed,
-        start_step=progress.step_in_epoch,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
-      )
-      for i, batch in enumerate(batches, start=progress.step_in_epoch):
-        step_in_task = epoch * steps + i
-        lr = float(lr_at(step_in_task))
-        batch = sharding.put_batch({k: batch[k] for k in ("image", "label", "mask")}, mesh)
-        state["train"], terms = train_step(
-          state["train"], frozen_t, aux, batch, jax.random.fold_in(task_key, step_in_task + 1), lr
+    schedule = sharding.put_replicated(
+      TaskSchedule.make(task_key, config.train.lr, max(epochs, 1), steps), mesh
+    )
+    health = sharding.put_replicated(Health.fresh(), mesh)
+
+    def fetch(terms):
+      """Terms of the last step to host floats, after the device-side non-finite check."""
+      host_health, host_terms = jax.device_get((health, terms))
+      if not host_health.ok:
+        bad_step = int(host_health.bad_step)
+        bad = bad_term_names(terms, int(host_health.bad_terms))
+        if ckpts:  # finish the in-flight async save, or exiting loses the last good checkpoint
+          ckpts.wait()
+        raise NonFiniteLossError(
+          f"Non-finite loss term(s) {bad} at task {t}, epoch {bad_step // steps}, step "
+          f"{bad_step % steps}. The run stopped; the last good checkpoint is kept in the workdir. "
+          "Lower train.lr in a new --workdir (this one is bound to its config), or fix the data "
+          "and rerun the same command to resume."
         )
-        terms = {k: float(v) for k, v in jax.device_get(terms).items()}
-        try:
-          _check_finite(terms, quirks, f"task {t}, epoch {epoch}, step {i}")
-        except NonFiniteLossError:
-          if ckpts:  # finish the in-flight async save, or exiting loses the last good checkpoint
-            ckpts.wait()
-          raise
+      return {k: float(v) for k, v in host_terms.items()}
+
+    first_epoch, first_step = progress.epoch, progress.step_in_epoch
+
+    def task_batches():
+      """(epoch, step in epoch, placed batch) for the rest of the task, in the stream's order."""
+      for epoch in range(first_epoch, epochs):
+        start = first_step if epoch == first_epoch else 0
+        host = stream.train_batches(
+          t,
+          epoch,
+          batch_size,
+          seed=config.seed,
+          start_step=start,
+          process_index=jax.process_index(),
+          process_count=jax.process_count(),
+        )
+        for i, b in enumerate(host, start=start):
+          yield epoch, i, {k: b[k] for k in ("image", "label", "mask")}
+
+    put = lambda x: (x[0], x[1], sharding.put_batch(x[2], mesh))  # noqa: E731
+    # steps after the first (compiling) one; checkpoint saves are timed apart, not in "seconds"
+    timer = {"task": t, "steps": 0, "images": 0, "seconds": 0.0, "checkpoint_seconds": 0.0}
+    with contextlib.closing(prefetch(task_batches(), put, config.train.prefetch_batches)) as it:
+      for epoch, i, batch in it:
+        # Dispatch only: lr, key and the non-finite check live on the device (make_loop_step).
+        state["train"], health, terms = train_step(
+          state["train"], health, frozen_t, aux, batch, schedule
+        )
+        if timer["seconds"] == 0.0:  # the first step compiles: time from its end
+          jax.block_until_ready(terms)
+          timer["seconds"] = -time.perf_counter()
+        else:
+          timer["steps"] += 1
         progress.step_in_epoch, progress.total_steps = i + 1, progress.total_steps + 1
-        bar.update(t, step_in_task + 1, epochs * steps, terms)
-        if (i + 1) % config.train.log_every_steps == 0 or i + 1 == steps:
+        log_now = (i + 1) % config.train.log_every_steps == 0 or i + 1 == steps
+        every = config.train.checkpoint_every_steps
+        save_now = every > 0 and progress.total_steps % every == 0 and i + 1 < steps
+        host_terms = None
+        if log_now or save_now:
+          host_terms = fetch(terms)  # also flushes the check: no checkpoint of a poisoned state
+        bar.update(t, epoch * steps + i + 1, epochs * steps, host_terms)
+        if log_now:
+          lr = host_terms.pop("lr")
           writer.write(
-            {
-              "kind": "train",
-              "task": t,
-              "epoch": epoch,
-              "step": step_in_task + 1,
-              "lr": lr,
-              **terms,
-            },
+            {"kind": "train", "task": t, "epoch": epoch, "step": epoch * steps + i + 1, "lr": lr}
+            | host_terms,
             step=progress.total_steps,
           )
-        every = config.train.checkpoint_every_steps
-        if every > 0 and progress.total_steps % every == 0 and i + 1 < steps:
+        if save_now:
+          t_save = time.perf_counter()
           save()
-      progress.epoch, progress.step_in_epoch = epoch + 1, 0
+          timer["checkpoint_seconds"] += time.perf_counter() - t_save
+        if i + 1 == steps:
+          progress.epoch, progress.step_in_epoch = epoch + 1, 0
+    if timer["seconds"] < 0.0:  # the last step ended with the epoch's final fetch
+      timer["seconds"] += time.perf_counter() - timer["checkpoint_seconds"]
+      timer["images"] = timer["steps"] * batch_size
+      train_loop_time.append(timer)
     bar.close()
 
     # -- end of task: EMA, prototypes, evaluation, snapshot (SPEC 2.4 steps 3-6) ---------------
@@ -478,6 +527,9 @@ def run(
     "config": config_lib.flat_config(config),
     "num_devices": jax.device_count(),
     "num_processes": jax.process_count(),
+    "backend": backend,
+    # train-loop throughput of this process, per task, compile step excluded (bench_loop.py)
+    "train_loop_time": train_loop_time,
     "wall_time_s": wall,
   }
   for hook in hooks:

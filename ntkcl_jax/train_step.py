@@ -24,7 +24,7 @@ from ntkcl_jax import losses
 from ntkcl_jax.evaluate import make_predict_fn
 from ntkcl_jax.models.heads import ProxyHead
 from ntkcl_jax.models.ntkcl import NTKCL, test_feature_key
-from ntkcl_jax.optim import merge, partition, path_labels
+from ntkcl_jax.optim import epoch_cosine_lr, merge, partition, path_labels
 
 Params = dict[str, Any]
 
@@ -169,3 +169,125 @@ def make_eval_fn(
   `evaluate.make_predict_fn` on the eval-mode features: the function `train.run` evaluates with.
   """
   return make_predict_fn(make_feature_fn(model), section_weights, top_k)
+
+
+# ------------------------------------------------------------------------------------------------
+# The trainer's step: schedule, key and non-finite check on the device, no host sync.
+
+
+class TaskSchedule(flax.struct.PyTreeNode):
+  """Per-task inputs of `make_loop_step`, traced so a new task does not recompile.
+
+  Attributes:
+    key_data: `jax.random.key_data` of the task key (plain uint32, so it places like any array);
+      step s (0-based in the task) uses `fold_in(key, s + 1)`.
+    lr0: base learning rate. epochs: E. steps_per_epoch: S (`optim.epoch_cosine_lr`).
+  """
+
+  key_data: jax.Array
+  lr0: jax.Array
+  epochs: jax.Array
+  steps_per_epoch: jax.Array
+
+  @classmethod
+  def make(cls, key: jax.Array, lr0: float, epochs: int, steps_per_epoch: int) -> TaskSchedule:
+    return cls(
+      jax.random.key_data(key),
+      jnp.float32(lr0),
+      jnp.asarray(epochs, jnp.int32),
+      jnp.asarray(steps_per_epoch, jnp.int32),
+    )
+
+
+class Health(flax.struct.PyTreeNode):
+  """Running non-finite check, carried from step to step on the device.
+
+  Attributes:
+    ok: () bool, every checked term of every step so far was finite.
+    bad_step: () int32, the task step (`TrainState.step` before the update) of the first
+      non-finite step; -1 while `ok`.
+    bad_terms: () int32 bit mask over the sorted term names: bit j set when term j was non-finite
+      at `bad_step` (at most 31 terms).
+  """
+
+  ok: jax.Array
+  bad_step: jax.Array
+  bad_terms: jax.Array
+
+  @classmethod
+  def fresh(cls) -> Health:
+    return cls(jnp.bool_(True), jnp.int32(-1), jnp.int32(0))
+
+
+def checked_terms(names: Any, check_aux: bool) -> list[str]:
+  """The terms the non-finite stop watches, sorted: CE terms and total; L_MI, L_orth, L_reg too
+  when `check_aux` (quirk Q7 `nonfinite_aux="mask_or_raise"`)."""
+  aux = ("mi", "orth", "reg") if check_aux else ()
+  return [k for k in sorted(names) if k.startswith("ce_") or k == "total" or k in aux]
+
+
+def bad_term_names(names: Any, bad_terms: int) -> list[str]:
+  """Decodes `Health.bad_terms` against the loop step's term names ("lr" is not a loss term)."""
+  return [k for j, k in enumerate(sorted(k for k in names if k != "lr")) if bad_terms >> j & 1]
+
+
+def make_loop_step(
+  step_fn: Callable[..., tuple[TrainState, dict[str, jax.Array]]], check_aux: bool
+) -> Callable[..., tuple[TrainState, Health, dict[str, jax.Array]]]:
+  """Wraps a `(state, frozen, aux, batch, key, lr) → (state, terms)` step for the trainer loop.
+
+  Returns `(state, health, frozen, aux, batch, schedule) → (state, health, terms)`: the learning
+  rate is `optim.epoch_cosine_lr(state.step, ...)` and the key `fold_in(task key,
+  state.step + 1)`, both computed inside the step from the step counter, so the host only
+  dispatches; `terms` gains "lr". `health` accumulates the non-finite check (`Health`), which the
+  host reads only when it fetches terms anyway (log steps, epoch ends, before checkpoints).
+  """
+
+  def loop_step(state: TrainState, health: Health, frozen, aux, batch, schedule: TaskSchedule):
+    step = state.step
+    task_key = jax.random.wrap_key_data(schedule.key_data)
+    lr = epoch_cosine_lr(step, schedule.lr0, schedule.epochs, schedule.steps_per_epoch)
+    new_state, terms = step_fn(
+      state, frozen, aux, batch, jax.random.fold_in(task_key, step + 1), lr
+    )
+    names = sorted(terms)
+    if len(names) > 31:
+      raise ValueError(f"{len(names)} loss terms do not fit the 31-bit Health mask.")
+    watched = set(checked_terms(names, check_aux))
+    bits = jnp.int32(0)
+    for j, k in enumerate(names):
+      if k in watched:
+        bits = bits | jnp.where(jnp.all(jnp.isfinite(terms[k])), 0, 1 << j).astype(jnp.int32)
+    first = health.ok & (bits != 0)
+    health = Health(
+      ok=health.ok & (bits == 0),
+      bad_step=jnp.where(first, step, health.bad_step),
+      bad_terms=jnp.where(first, bits, health.bad_terms),
+    )
+    return new_state, health, {**terms, "lr": lr}
+
+  return loop_step
+
+
+MATMUL_PRECISIONS = ("default", "high", "highest")
+
+
+def with_matmul_precision(fn: Callable[..., Any], precision: str) -> Callable[..., Any]:
+  """`fn` traced under `jax.default_matmul_precision(precision)` (`model.matmul_precision`).
+
+  Every dot and convolution traced inside `fn` then carries the precision attribute (visible in
+  the lowered StableHLO as `precision = [HIGHEST, HIGHEST]`). "default" leaves `fn` unchanged:
+  on TPU a float32 matmul is then one bf16 pass; "high" is 3 passes (bf16_3x), "highest" is full
+  float32 (6 passes on TPU; TF32 off on GPU). On CPU all three compute the same float32 result.
+  """
+  if precision not in MATMUL_PRECISIONS:
+    raise ValueError(f"matmul precision {precision!r}; valid: {MATMUL_PRECISIONS}.")
+  if precision == "default":
+    return fn
+
+  def wrapped(*args, **kwargs):
+    with jax.default_matmul_precision(precision):
+      return fn(*args, **kwargs)
+
+  wrapped.__name__ = getattr(fn, "__name__", "fn")
+  return wrapped

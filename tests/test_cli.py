@@ -184,6 +184,14 @@ BAD_INPUTS = {
     tc.cli_flags(backbone__image_size=27),
     ["backbone.image_size=27", "backbone.patch_size=7", "not divisible"],
   ),
+  "platform_absent": (
+    tc.cli_flags(train__platform="tpu"),
+    ["train.platform='tpu' but JAX's backend is 'cpu'", '".[tpu]"', "train.platform=any"],
+  ),
+  "gcs_workdir": (
+    [*tc.cli_flags(), "--workdir=gs://bucket/run"],
+    ["--workdir=gs://bucket/run", "gcsfuse"],
+  ),
 }
 
 
