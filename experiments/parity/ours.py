@@ -98,12 +98,10 @@ def run(case: Case, inputs: dict, fixture: dict[str, Any], meta: dict) -> dict[s
     updates, _ = tx.update(grads, tx.init(trainable), trainable)
     after = jax.tree_util.tree_map(lambda p, u: p - args["init_lr"] * u, trainable, updates)
     ema = ema_update(frozen["peft"]["ema"], after["peft"]["current"], case.task)
-    full = {
-      "backbone": frozen["backbone"],
-      "peft": {"current": trainable["peft"]["current"], "ema": frozen["peft"]["ema"]},
-      "fusion": trainable["fusion"],
-    }
-    ev = model.apply({"params": full}, batch["image"], train=False)
+    # Eval features: with `deterministic=True` the training forward *is* the eval forward
+    # (`NTKCL`'s `train` flag only switches dropout), so the loss's features are reused rather
+    # than compiling a second forward (the test's time is XLA compilation).
+    ev = terms["outputs"]["features"]
     sw = (args["beta"], args["gamma"], args["alpha"]) if ptm else (args["gamma"], args["alpha"])
     proto = {k: section_weighted_logits(ev[k], aux["prototypes"], sw) for k in ("c", "p", "m")}
     return terms, grads, after, ema, ev, proto
