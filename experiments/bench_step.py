@@ -43,6 +43,8 @@ images/s and peak RSS from the same run; rounds alternate the order. The figures
 performance issue (`REFERENCE`, measured on other 2-core CPUs) are printed too, for orientation.
 
   python experiments/bench_step.py --size vitb --vs-torch --rounds 2 --json   # side by side
+  python experiments/bench_step.py --size vitb --vs-official /tmp/ntkcl_official --rounds 2  # the
+      # official step itself (experiments/parity/bench_official.py), same run, alternating order
 """
 
 from __future__ import annotations
@@ -428,6 +430,16 @@ def _run_torch(cfg: dict[str, Any], timeout: float) -> dict[str, Any]:
   return {**r, "dtype": "float32", **SWITCH_DEFAULTS, "framework": "torch"}
 
 
+def _run_official(cfg: dict[str, Any], official_dir: str, timeout: float) -> dict[str, Any]:
+  """The official NTK-CL step itself (`experiments/parity/bench_official.py`: the released code,
+  unmodified, through the parity stand-ins) for the same size, PTM, phase, repeats and batch."""
+  keys = ("size", "ptm", "phase", "repeats", "batch")
+  ocfg = {**{k: cfg[k] for k in keys}, "threads": os.cpu_count() or 1, "official": official_dir}
+  script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "parity", "bench_official.py")
+  r = bench_util.run_worker_process(script, ocfg, timeout)
+  return {**r, "dtype": "float32", **SWITCH_DEFAULTS, "framework": "official"}
+
+
 def run_config(cfg: dict[str, Any], subprocess_mode: bool, timeout: float) -> dict[str, Any]:
   if not subprocess_mode:
     return run_worker(cfg)
@@ -520,7 +532,11 @@ def print_reference(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
   return rows
 
 
-def print_vs_torch(results: list[dict[str, Any]], torch_results: list[dict[str, Any]]) -> list:
+def print_vs_torch(
+  results: list[dict[str, Any]],
+  torch_results: list[dict[str, Any]],
+  label: str = "the official step's computation in PyTorch",
+) -> list:
   """ours / PyTorch (same run, best round each) of images/s and peak RSS, per PTM and phase."""
   ours = {
     (r["size"], r["ptm"], r["phase"]): r
@@ -548,7 +564,7 @@ def print_vs_torch(results: list[dict[str, Any]], torch_results: list[dict[str, 
       }
     )
   if rows:
-    print("\nSame run, float32: ours (defaults) vs the official step's computation in PyTorch")
+    print(f"\nSame run, float32: ours (defaults) vs {label}")
     print(
       f"{'size':5} {'ptm':5} {'phase':5} {'ours img/s':>10} {'torch img/s':>11} {'speedup':>7} "
       f"{'RSS GB':>6} {'torch GB':>8} {'ratio':>5}"
@@ -667,6 +683,13 @@ def main(argv: list[str] | None = None) -> int:
     "--vs-torch", action="store_true", help="time bench_torch_reference.py's step beside ours"
   )
   p.add_argument(
+    "--vs-official",
+    metavar="DIR",
+    default=None,
+    help="time the official NTK-CL step itself (extracted checkout DIR, run unmodified through "
+    "experiments/parity's stand-ins) beside ours, alternating order",
+  )
+  p.add_argument(
     "--xla-flags", default=None, help="extra XLA_FLAGS for this run and its workers (appended)"
   )
   p.add_argument("--worker", help=argparse.SUPPRESS)
@@ -680,6 +703,8 @@ def main(argv: list[str] | None = None) -> int:
 
   if args.vs_torch and importlib.util.find_spec("torch") is None:
     p.error("--vs-torch needs PyTorch: pip install torch==2.13.0 (the CPU wheel)")
+  if args.vs_official and importlib.util.find_spec("torch") is None:
+    p.error("--vs-official needs PyTorch: pip install torch==2.13.0 (the CPU wheel)")
   if args.vs_torch and args.no_subprocess:
     p.error("--vs-torch compares per-process peak memory: drop --no-subprocess")
 
@@ -713,7 +738,7 @@ def main(argv: list[str] | None = None) -> int:
   for x in dots_before.values():
     print(bench_util.rate_line(x, "before"))
 
-  results, torch_results = [], []
+  results, torch_results, official_results = [], [], []
   # Rounds alternate the variant order (A B C D, D C B A, ...), so a slow spell on a shared
   # machine does not always hit the same variant; tables use each configuration's best round.
   for rnd in range(args.rounds):
@@ -733,11 +758,16 @@ def main(argv: list[str] | None = None) -> int:
       }
       with_torch = args.vs_torch and dtype == "float32" and _variant(sw) == "all_on"
       frameworks = ["jax", "torch"] if with_torch else ["jax"]
+      if args.vs_official and dtype == "float32" and _variant(sw) == "all_on":
+        frameworks.append("official")
       for framework in frameworks if rnd % 2 == 0 else frameworks[::-1]:
         t0 = time.perf_counter()
         if framework == "jax":
           r = run_config(cfg, not args.no_subprocess, args.worker_timeout)
           results.append(r)
+        elif framework == "official":
+          r = _run_official(cfg, args.vs_official, args.worker_timeout)
+          official_results.append(r)
         else:
           r = _run_torch(cfg, args.worker_timeout)
           torch_results.append(r)
@@ -764,6 +794,9 @@ def main(argv: list[str] | None = None) -> int:
   print_results(results, dots, dots_cpu)
   ref_rows = print_reference(results)
   torch_rows = print_vs_torch(results, torch_results)
+  official_rows = print_vs_torch(
+    results, official_results, "the official NTK-CL step itself (torch column = official)"
+  )
   abl_rows = ablation_table(results) if args.ablate else []
   if args.json:
     print(
@@ -780,6 +813,8 @@ def main(argv: list[str] | None = None) -> int:
           "reference": ref_rows,
           "torch_results": torch_results,
           "vs_torch": torch_rows,
+          "official_results": official_results,
+          "vs_official": official_rows,
           "ablation": abl_rows,
         }
       )

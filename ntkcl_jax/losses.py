@@ -109,6 +109,25 @@ def select_mi_prototypes(
   return prototypes[idx], idx, valid
 
 
+def fixed_mi_prototypes(
+  prototypes: jax.Array, rows: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """A given set of old prototype rows for L_MI, instead of `select_mi_prototypes`' draw.
+
+  For verifiers that must reproduce another implementation's draw (the official step's
+  `torch.randperm(n_old)[:B]`, `experiments/parity`) or hold the subset fixed across a run.
+
+  Args:
+    prototypes: (C, D). rows: (M,) int row indices (= global labels); negative entries are unused.
+  Returns:
+    (M, D) rows (unused ones zero), their (M,) labels, (M,) validity mask.
+  """
+  rows = jnp.asarray(rows, jnp.int32)
+  valid = rows >= 0
+  idx = jnp.where(valid, rows, 0)
+  return jnp.where(valid[:, None], prototypes[idx], 0.0), idx, valid
+
+
 def mi_loss(
   features: jax.Array,
   labels: jax.Array,

@@ -86,35 +86,52 @@ def loss_fn(
   model: NTKCL,
   weights: losses.LossWeights,
   batch_size: int,
-) -> tuple[jax.Array, dict[str, jax.Array]]:
+  deterministic: bool = False,
+  with_outputs: bool = False,
+) -> tuple[jax.Array, dict[str, Any]]:
   """Total NTK-CL loss and its named terms on one (padded, masked) global batch (SPEC 2.1).
 
   Args:
     trainable: {"peft": {"current"}, "fusion", "proxy_head"}. frozen: {"backbone", "peft": {"ema"}}.
     aux: {"task": TaskInfo, "prototypes": (C, D) (unseen rows 0), "orth_basis": (D, k),
-      "reg_snapshot": {"peft", "fusion"}}; all constants of the task.
+      "reg_snapshot": {"peft", "fusion"}}; all constants of the task. Optional "mi_rows": (M,)
+      int row indices of the old prototypes L_MI uses (negative = unused), instead of the
+      subset drawn from `key` (`losses.fixed_mi_prototypes`; for verifiers).
     batch: {"image": (B, H, W, C), "label": (B,) global labels, "mask": (B,) bool}.
     key: this step's key (dropout and the L_MI row subset).
     batch_size: B, the configured global batch size (L_MI samples up to B old rows).
+    deterministic: every dropout off for this call (the training loss in eval mode, e.g. to
+      compare with another implementation run with dropout rate 0). The spec is unchanged: with
+      the default False, adapter dropout in the EMA pass follows `spec.ema_branch_dropout` (Q9).
+    with_outputs: also return terms["outputs"] = {"features": {"c", "p", "m", "passes": per-pass
+      CLS features}, "proxy_logits": {"c", "p", "m"}} (for verifiers; off in the train step).
   """
   drop_key, mi_key = jax.random.split(key)
   info: TaskInfo = aux["task"]
   params = merge(trainable, frozen)
   proxy = params.pop("proxy_head")
-  feats = model.apply({"params": params}, batch["image"], train=True, rngs={"dropout": drop_key})
+  feats = model.apply(
+    {"params": params},
+    batch["image"],
+    train=not deterministic,
+    per_pass=with_outputs,
+    rngs={"dropout": drop_key},
+  )
   mask, labels = batch["mask"], batch["label"]
   local = jnp.where(mask, labels - info.task_start, 0)
   head = ProxyHead(proxy["kernel"].shape[1])
+  logits = {b: head.apply({"params": proxy}, feats[b]) for b in weights.use_ce}
   terms = {
-    f"ce_{b}": losses.masked_cross_entropy(
-      head.apply({"params": proxy}, feats[b]), local, mask, info.num_new
-    )
+    f"ce_{b}": losses.masked_cross_entropy(logits[b], local, mask, info.num_new)
     for b in weights.use_ce
   }
   if weights.mi:
-    rows, row_labels, row_mask = losses.select_mi_prototypes(
-      mi_key, aux["prototypes"], info.n_old, min(batch_size, aux["prototypes"].shape[0])
-    )
+    if "mi_rows" in aux:
+      rows, row_labels, row_mask = losses.fixed_mi_prototypes(aux["prototypes"], aux["mi_rows"])
+    else:
+      rows, row_labels, row_mask = losses.select_mi_prototypes(
+        mi_key, aux["prototypes"], info.n_old, min(batch_size, aux["prototypes"].shape[0])
+      )
     terms["mi"], terms["mi_has_positive"] = losses.mi_loss(
       feats["m"], labels, mask, rows, row_labels, row_mask, weights.tau
     )
@@ -126,6 +143,8 @@ def loss_fn(
     terms["reg"] = info.reg_scale * losses.reg_loss(reg_targets(trainable), aux["reg_snapshot"])
   total = losses.combine(terms, weights)
   terms["total"] = total
+  if with_outputs:
+    terms["outputs"] = {"features": feats, "proxy_logits": logits}
   return total, terms
 
 

@@ -7,8 +7,10 @@ the analytic FLOP count against XLA's, equal steps per task, fitted exponents pr
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
+import os
 import pathlib
 import subprocess
 import sys
@@ -75,3 +77,34 @@ def test_bench_ntk_sweep_fits_exponents():
   # Θ costs at least linear in N and at most quadratic; memory grows with N
   assert 0.5 < out["time_exponent"] < 2.5, out["time_exponent"]
   assert 0.0 < out["memory_exponent"] < 2.5, out["memory_exponent"]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+  importlib.util.find_spec("torch") is None
+  or not (pathlib.Path(os.environ.get("NTKCL_OFFICIAL_DIR", "/nonexistent")) / "main.py").exists(),
+  reason="needs torch and NTKCL_OFFICIAL_DIR=<extracted NTK-CL checkout>",
+)
+def test_bench_step_vs_official_runs_the_official_step():
+  out = _run_json(
+    "bench_step.py",
+    *(
+      "--size",
+      "tiny",
+      "--ptm",
+      "off",
+      "--repeats",
+      "1",
+      "--dot-size",
+      "256",
+      "--dot-repeats",
+      "1",
+    ),
+    *("--vs-official", os.environ["NTKCL_OFFICIAL_DIR"]),
+  )
+  rows = {r["phase"]: r for r in out["official_results"]}
+  assert sorted(rows) == ["eval", "train"]
+  for r in rows.values():
+    assert "error" not in r, r
+    assert r["framework"] == "official" and r["img_s"] > 0 and r["batch"] == 32
+  assert sorted(x["phase"] for x in out["vs_official"]) == ["eval", "train"]

@@ -228,22 +228,36 @@ class NTKCL(nn.Module):
       x = self._plain_block(last, x)
     return self._cls_feature(x)
 
-  def __call__(self, images: jax.Array, *, train: bool) -> dict[str, jax.Array]:
+  def __call__(self, images: jax.Array, *, train: bool, per_pass: bool = False) -> dict[str, Any]:
+    """Features {"c", "p", "m"} (keys per `model_name`), each (b, D) float32.
+
+    Args:
+      images: (b, H, W, C).
+      train: dropout on (adapter dropout in the current channel pass, and in the EMA one when
+        `spec.ema_branch_dropout`, Q9; fusion head-dropout). Nothing else depends on it.
+      per_pass: also return "passes": the final-LN CLS feature of every pass, (b, d) each, keys
+        "ptm" (with `use_init_ptm`), "c_ema", "c_cur", "p_ema", "p_cur" (per `model_name`); c and
+        p are their concatenations (for verifiers, e.g. `experiments/parity`).
+    """
     s = self.spec
     block0 = self._block0(images) if s.share_block0 else None
     prefix = [self._plain_pass(images, block0)] if s.use_init_ptm else []
-    feats = {}
+    feats, passes = {}, {"ptm": prefix[0]} if prefix else {}
     if s.model_name in ("both", "channel"):
       ema_det = not (train and s.ema_branch_dropout)
       c_ema = self._channel_pass("ema", images, block0, deterministic=ema_det)
       c_cur = self._channel_pass("current", images, block0, deterministic=not train)
       feats["c"] = jnp.concatenate([*prefix, c_ema, c_cur], axis=-1)
+      passes.update(c_ema=c_ema, c_cur=c_cur)
     if s.model_name in ("both", "patch"):
       p_ema = self._patch_pass("ema", images, block0)
       p_cur = self._patch_pass("current", images, block0)
       feats["p"] = jnp.concatenate([*prefix, p_ema, p_cur], axis=-1)
+      passes.update(p_ema=p_ema, p_cur=p_cur)
     if s.model_name == "both":
       feats["m"] = self.fusion(feats["c"], feats["p"], deterministic=not train)
+    if per_pass:
+      feats["passes"] = passes
     return feats
 
   def init_all(self, images: jax.Array) -> jax.Array:
