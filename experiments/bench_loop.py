@@ -50,6 +50,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
 
+from experiments import bench_util  # noqa: E402
 from ntkcl_jax import config as config_lib  # noqa: E402
 from ntkcl_jax import losses, sharding, train  # noqa: E402
 from ntkcl_jax.data import ArraySource, TaskStream, class_order  # noqa: E402
@@ -73,14 +74,7 @@ DEMO = os.path.join(ROOT, "experiments", "configs", "demo.py")
 
 
 def cpu_model() -> str:
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or "unknown"
+  return bench_util.cpu_name(platform.processor() or "unknown")
 
 
 def load_config(spec: str, overrides: list[str]):

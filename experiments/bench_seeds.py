@@ -39,17 +39,12 @@ import time
 from typing import Any
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from experiments import bench_util
 
 
 def cpu_model() -> str:
   """The CPU's model name from /proc/cpuinfo (platform.processor() elsewhere)."""
-  try:
-    for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-      if line.startswith("model name"):
-        return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or "unknown"
+  return bench_util.cpu_name(platform.processor() or "unknown")
 
 
 def build(num_seeds: list[int], batch: int):

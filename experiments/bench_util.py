@@ -3,6 +3,9 @@
 Each benchmark runs every configuration in a fresh worker process (`run_worker_process`), so the
 peak RSS it reports is that configuration's own; the worker prints one line
 ``BENCH_RESULT <json>`` that the parent reads back.
+
+Pure Python (no JAX, no NumPy): `bench_torch_reference.py` and `parity/bench_official.py` import
+it in PyTorch workers whose peak RSS is the measurement.
 """
 
 from __future__ import annotations
@@ -33,10 +36,52 @@ def proc_status_bytes(field: str) -> int:
   return 0
 
 
+def cpu_name(fallback: str = "cpu") -> str:
+  """The CPU's model name from `/proc/cpuinfo`, or `fallback`."""
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return fallback
+
+
 def peak_rss_bytes() -> int:
   """This process's peak RSS (`getrusage` ru_maxrss; it includes compilation) in bytes."""
   kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
   return kb if sys.platform == "darwin" else kb * 1024  # macOS reports bytes, Linux KiB
+
+
+def time_calls(call: Callable[[int], Any], repeats: int, batch: int) -> tuple[Any, dict[str, Any]]:
+  """Times `call(i)`: call 0 is the warm-up (compilation, caches), reported apart as
+  `first_call_s`; calls 1..`repeats` are timed (wall and CPU time of this process).
+
+  Returns call 0's result and the timing fields of a benchmark row: `first_call_s`, `times_s`,
+  `median_s`, `min_s`, `img_s` and `img_s_best` (`batch` images per call), `cpu_s`,
+  `median_cpu_s`. `call` must finish its work before returning (`block_until_ready`).
+  """
+  t0 = time.perf_counter()
+  first = call(0)
+  first_call_s = time.perf_counter() - t0
+  times, cpu_times = [], []
+  for i in range(repeats):
+    t0, c0 = time.perf_counter(), time.process_time()
+    call(i + 1)
+    times.append(time.perf_counter() - t0)
+    cpu_times.append(time.process_time() - c0)
+  median = statistics.median(times)
+  return first, {
+    "first_call_s": first_call_s,
+    "times_s": times,
+    "median_s": median,
+    "min_s": min(times),
+    "img_s": batch / median,
+    "img_s_best": batch / min(times),
+    "cpu_s": cpu_times,
+    "median_cpu_s": statistics.median(cpu_times),
+  }
 
 
 def matmul_rate(
@@ -77,6 +122,14 @@ def rate_line(rate: dict[str, Any], when: str) -> str:
   )
 
 
+def dot_rates(rate_fns: dict[str, Callable[[], dict[str, Any]]], when: str) -> dict[str, Any]:
+  """{dtype: `matmul_rate` result} of each `rate_fns[dtype]()`, each printed (`rate_line`)."""
+  rates = {dtype: fn() for dtype, fn in rate_fns.items()}
+  for rate in rates.values():
+    print(rate_line(rate, when))
+  return rates
+
+
 def larger_rate(before: dict[str, Any], after: dict[str, Any]) -> tuple[float, float]:
   """(median FLOP/s, FLOPs per CPU-second), each the larger of two `matmul_rate` results: other
   jobs on a shared machine only ever slow a measurement down."""
@@ -107,3 +160,58 @@ def run_worker_process(script: str, cfg: dict[str, Any], timeout: float) -> dict
 def print_result(result: dict[str, Any]) -> None:
   """The worker's side of `run_worker_process`."""
   print(RESULT_PREFIX + json.dumps(result), flush=True)
+
+
+def serve_worker(run_worker: Callable[[dict[str, Any]], dict[str, Any]], cfg_json: str) -> int:
+  """A script's `--worker <cfg json>` mode: runs `run_worker(cfg)` and prints its BENCH_RESULT."""
+  print_result(run_worker(json.loads(cfg_json)))
+  return 0
+
+
+def run_config(
+  script: str,
+  run_worker: Callable[[dict[str, Any]], dict[str, Any]],
+  cfg: dict[str, Any],
+  subprocess_mode: bool,
+  timeout: float,
+) -> dict[str, Any]:
+  """`run_worker(cfg)` in a fresh `script --worker` process, or in this one (RSS then mixes)."""
+  if not subprocess_mode:
+    return run_worker(cfg)
+  return run_worker_process(script, cfg, timeout)
+
+
+def print_header(head: str) -> None:
+  """A result table's column line, underlined."""
+  print(head)
+  print("-" * len(head))
+
+
+def dot_fields(before: Any, after: Any, flop_s: Any, flop_per_cpu_s: Any) -> dict[str, Any]:
+  """The matmul-rate fields of a script's JSON output (before / after the runs, the larger)."""
+  return {
+    "dot_before": before,
+    "dot_after": after,
+    "dot_flop_s": flop_s,
+    "dot_flop_per_cpu_s": flop_per_cpu_s,
+  }
+
+
+def finish(as_json: bool, payload: dict[str, Any]) -> int:
+  """Prints `payload` as one JSON object on the last line (`--json`) and returns the exit status:
+  1 if any of `payload["results"]` is an error, else 0."""
+  if as_json:
+    print(json.dumps(payload))
+  return 1 if any("error" in r for r in payload["results"]) else 0
+
+
+def alternate(items: list[Any], rnd: int) -> list[Any]:
+  """`items` in round `rnd`'s order: as given in even rounds, reversed in odd ones, so a slow
+  spell on a shared machine does not always hit the same item (tables keep the best round)."""
+  return items if rnd % 2 == 0 else items[::-1]
+
+
+def progress_line(seconds: float, rnd: int, label: str, result: dict[str, Any]) -> str:
+  """One printed progress line: elapsed time, round, configuration and images/s (or the error)."""
+  status = result.get("error") or f"{result['img_s']:.3g} img/s"
+  return f"  [{seconds:6.1f} s] round {rnd} {label}: {status}"

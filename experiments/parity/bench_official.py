@@ -6,15 +6,14 @@ depend on them), at a mid-stream task like `bench_step.py` (k_t old classes with
 prototypes, s_t new). One train call = the official `_train` on a one-batch loader (SGD and cosine
 scheduler creation, `_init_train`'s loop body: forward, losses, backward, `optimizer.step`,
 `loss.item()`), dropout as released. One eval call = `_eval_results` on one batch (eval forward,
-top-k, task-id bookkeeping). Reported like `bench_torch_reference.py` (`img_s`, `peak_rss_bytes`).
+top-k, task-id bookkeeping). Timed and reported like `bench_torch_reference.py`
+(`bench_util.time_calls`: `img_s`, `median_s`, `peak_rss_bytes`).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -29,7 +28,7 @@ from experiments.parity import cases, official
 def run_worker(cfg: dict[str, Any]) -> dict[str, Any]:
   import torch
 
-  from experiments.bench_step import SIZES
+  from experiments.bench_step_worker import SIZES
 
   vit_kw, batch, _, (k_t, s_t), _ = SIZES[cfg["size"]]
   batch = cfg.get("batch") or batch
@@ -69,22 +68,14 @@ def run_worker(cfg: dict[str, Any]) -> dict[str, Any]:
   y = k_t + torch.randint(0, s_t, (batch,))
   loader = [(None, x, y)]
   if cfg["phase"] == "train":
-    call = lambda: learner._train(loader)  # noqa: E731
+    call = lambda _i: learner._train(loader)  # noqa: E731
   else:
-    call = lambda: learner._eval_results(loader)  # noqa: E731
+    call = lambda _i: learner._eval_results(loader)  # noqa: E731
   import contextlib
   import io
 
   with contextlib.redirect_stderr(io.StringIO()):  # tqdm
-    t0 = time.perf_counter()
-    call()
-    first = time.perf_counter() - t0
-    times = []
-    for _ in range(cfg["repeats"]):
-      t0 = time.perf_counter()
-      call()
-      times.append(time.perf_counter() - t0)
-  med = statistics.median(times)
+    _, timing = bench_util.time_calls(call, cfg["repeats"], batch)
   return {
     **cfg,
     "batch": batch,
@@ -92,11 +83,7 @@ def run_worker(cfg: dict[str, Any]) -> dict[str, Any]:
     "torch": torch.__version__,
     "threads": torch.get_num_threads(),
     "init_s": init_s,
-    "first_call_s": first,
-    "times_s": times,
-    "median_s": med,
-    "img_s": batch / med,
-    "img_s_best": batch / min(times),
+    **timing,
     "peak_rss_bytes": bench_util.peak_rss_bytes(),
     "load_avg": os.getloadavg()[0],
   }
@@ -105,9 +92,7 @@ def run_worker(cfg: dict[str, Any]) -> dict[str, Any]:
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--worker", required=True, help="JSON config (from bench_step.py)")
-  a = p.parse_args(argv)
-  bench_util.print_result(run_worker(json.loads(a.worker)))
-  return 0
+  return bench_util.serve_worker(run_worker, p.parse_args(argv).worker)
 
 
 if __name__ == "__main__":

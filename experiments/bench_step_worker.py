@@ -1,0 +1,309 @@
+"""Worker of `bench_step.py`: builds, compiles and times one (configuration, phase) of the jitted
+NTK-CL train or eval step, in its own process (`bench_step.py --worker <cfg json>`); plus the
+sizes, the optimisation switches and the analytic FLOP count of the step.
+
+What is measured is described in `bench_step.py`'s docstring; the timing loop, the memory
+fields and the worker protocol are `bench_util`'s.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+from experiments import bench_util
+
+SIZES = {
+  # name -> (ViTSpec kwargs, batch, num_classes C, task (k_t, s_t), fixed_197_tokens)
+  "vitb": (dict(), 16, 100, (10, 10), True),
+  "tiny": (
+    dict(image_size=28, patch_size=4, width=64, depth=4, num_heads=4, mlp_dim=128),
+    32,
+    10,
+    (2, 2),
+    False,
+  ),
+}
+
+SWITCH_DEFAULTS = {
+  "share_block0": True,
+  "last_block_cls_only": True,
+  "remat": "dots",
+  "grad_frozen": False,
+  "donate": True,
+}
+TRAIN_ONLY = ("remat", "grad_frozen", "donate")  # switches that do not touch the eval step
+
+
+# ------------------------------------------------------------------------------------------------
+# Analytic FLOP count.
+
+
+def analytic_flops(spec, num_classes: int, head_width: int, batch: int) -> dict[str, float]:
+  """Matmul FLOPs per image (2 per multiply-add) of the forward, train step and eval step.
+
+  Notation: d width, m MLP width, L depth, N = 1 + (H/P)² tokens, N' = N + n_p with n_p prompts,
+  r adapter bottleneck, D = feature width (2d, 3d with PTM), dense(n, i, o) = 2·n·i·o.
+
+    attn(n)    = dense(n, d, 3d) + dense(n, d, d) + 4·n²·d       (QKV, out, scores + A·V)
+    attn_cls(n)= dense(n, d, 2d) + 2·dense(1, d, d) + 4·n·d      (K, V on n; Q, out, rows: 1)
+    mlp(n)     = dense(n, d, m) + dense(n, m, d)
+    adapter(n) = dense(n, d, r) + dense(n, r, d)      prompt_gen = 2·N·d·n_p   (token mixing)
+    block0     = dense(N-1, P²·3, d) + attn(N) + mlp(N)           (embedding + block 0)
+    last(n)    = attn_cls(n) + mlp(1)  [CLS-only]  or  attn(n) + mlp(n)
+    plain      = Σ_{l=1}^{L-2} [attn(N) + mlp(N)] + last(N)
+    channel    = adapter(N) + Σ_{l=1}^{L-2} [attn(N) + mlp(N) + adapter(N)] + last(N) + adapter
+    patch      = prompt_gen + mlp(n_p) + Σ_{l=1}^{L-2} [attn(N') + prompt_gen + mlp(N')]
+                 + last(N') [+ prompt_gen when not CLS-only]
+    forward    = block0·(1 if shared else #passes) + [plain] + 2·channel + 2·patch
+                 + dense(1, D, D)                                                  (fusion value)
+
+  Train adds the proxy head (3·dense(1, D, K)), L_MI (dense(1, D, min(B, C))), L_orth
+  (2·2·dense(1, D, 40)) and the backward of the two *current* passes, fusion and heads only
+  (frozen passes get none): 1× the forward FLOPs of matmuls with a frozen weight (input gradient
+  only), 2× for activation-activation matmuls (scores, A·V) and trainable weights (adapters,
+  prompt generators, fusion, heads; an upper bound for the block-0 ones, whose input is constant);
+  remat="full" adds one more forward of the two current passes ("dots" recomputes only
+  activation-activation matmuls and elementwise work). Eval adds the prototype logits
+  dense(1, D, C). LayerNorm, softmax, GELU and the optimiser update are not counted.
+  """
+  v = spec.vit
+  d, m, n, r, n_p = v.width, v.mlp_dim, v.num_tokens, spec.adapter_dim, spec.num_prompts
+  n2, big_d, cls_only = n + n_p, spec.feature_dim, spec.last_block_cls_only
+
+  def dense(rows, i, o):
+    return 2.0 * rows * i * o
+
+  def attn(k):  # -> (frozen-weight flops, activation-activation flops)
+    return dense(k, d, 3 * d) + dense(k, d, d), 4.0 * k * k * d
+
+  def attn_cls(k):
+    return dense(k, d, 2 * d) + 2 * dense(1, d, d), 4.0 * k * d
+
+  def mlp(k):
+    return dense(k, d, m) + dense(k, m, d)
+
+  def adapter(k):
+    return dense(k, d, r) + dense(k, r, d)
+
+  prompt_gen = 2.0 * v.num_tokens * d * n_p
+
+  def last(k):  # -> (frozen, act, rows the last block outputs)
+    if cls_only:
+      fw, aa = attn_cls(k)
+      return fw + mlp(1), aa, 1
+    fw, aa = attn(k)
+    return fw + mlp(k), aa, k
+
+  # Each pass as (frozen-weight, activation-activation, trainable-weight) FLOPs after block 0.
+  def plain():
+    fw, aa = attn(n)
+    lf, la, _ = last(n)
+    return ((v.depth - 2) * (fw + mlp(n)) + lf, (v.depth - 2) * aa + la, 0.0)
+
+  def channel():
+    fw, aa = attn(n)
+    lf, la, rows = last(n)
+    tw = adapter(n) + (v.depth - 2) * adapter(n) + adapter(rows)
+    return ((v.depth - 2) * (fw + mlp(n)) + lf, (v.depth - 2) * aa + la, tw)
+
+  def patch():
+    fw, aa = attn(n2)
+    lf, la, _ = last(n2)
+    tw = prompt_gen * (1 + (v.depth - 2) + (0 if cls_only else 1))
+    return (mlp(n_p) + (v.depth - 2) * (fw + mlp(n2)) + lf, (v.depth - 2) * aa + la, tw)
+
+  fw0, aa0 = attn(n)
+  block0 = dense(v.num_patches, v.patch_size**2 * v.channels, d) + fw0 + aa0 + mlp(n)
+  passes = [channel(), channel(), patch(), patch()] + ([plain()] if spec.use_init_ptm else [])
+  n_block0 = 1 if spec.share_block0 else len(passes)
+  fusion = dense(1, big_d, big_d)
+  forward = n_block0 * block0 + sum(sum(p) for p in passes) + fusion
+  cur = [channel(), patch()]  # the two passes that get a backward
+  heads = 3 * dense(1, big_d, head_width) + dense(1, big_d, min(batch, num_classes))
+  heads += 2 * 2 * dense(1, big_d, 40)
+  backward = sum(fw + 2 * aa + 2 * tw for fw, aa, tw in cur) + 2 * (fusion + heads)
+  recompute = {"none": 0.0, "dots": sum(aa for _, aa, _ in cur), "full": sum(map(sum, cur))}
+  train = forward + heads + backward + recompute[spec.remat]
+  return {"forward": forward, "train": train, "eval": forward + dense(1, big_d, num_classes)}
+
+
+# ------------------------------------------------------------------------------------------------
+# Worker: one (configuration, phase) in a fresh process.
+
+
+def _cost_flops(compiled) -> float | None:
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else None
+  if not cost or "flops" not in cost:
+    return None
+  return float(cost["flops"])
+
+
+def build_spec(cfg: dict[str, Any]):
+  import jax.numpy as jnp
+
+  from ntkcl_jax.models.ntkcl import ModelSpec
+  from ntkcl_jax.models.vit import ViTSpec
+
+  vit_kw, _, _, _, fixed_197 = SIZES[cfg["size"]]
+  return ModelSpec(
+    vit=ViTSpec(**vit_kw),
+    use_init_ptm=cfg["ptm"],
+    fixed_197_tokens=fixed_197,
+    dtype=jnp.dtype(cfg["dtype"]),
+    share_block0=cfg["share_block0"],
+    last_block_cls_only=cfg["last_block_cls_only"],
+    remat=cfg["remat"],
+  )
+
+
+def _grad_frozen_step(model, tx, batch_size: int):
+  """`make_train_step` that also takes the gradient w.r.t. `frozen` (and discards it)."""
+  import jax
+  import optax
+
+  from ntkcl_jax import losses
+  from ntkcl_jax.train_step import TrainState, loss_fn
+
+  def train_step(state, frozen, aux, batch, key, lr):
+    grad_fn = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)
+    (_, terms), (grads, frozen_grads) = grad_fn(
+      state.params,
+      frozen,
+      aux,
+      batch,
+      key,
+      model=model,
+      weights=losses.LossWeights(),
+      batch_size=batch_size,
+    )
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = jax.tree_util.tree_map(lambda p, u: p - lr * u, state.params, updates)
+    terms["grad_norm"] = optax.global_norm(grads)
+    terms["frozen_grad_norm"] = optax.global_norm(frozen_grads)
+    return TrainState(params=params, opt_state=opt_state, step=state.step + 1), terms
+
+  return train_step
+
+
+def run_worker(cfg: dict[str, Any]) -> dict[str, Any]:
+  """Builds, compiles and times one phase ("train" or "eval") of one configuration."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  from ntkcl_jax import losses
+  from ntkcl_jax.models.ntkcl import NTKCL, init_params
+  from ntkcl_jax.optim import make_optimizer
+  from ntkcl_jax.train_step import (
+    TaskInfo,
+    TrainState,
+    init_proxy_head,
+    make_eval_fn,
+    make_train_step,
+    reg_targets,
+    split_trainable,
+  )
+
+  load_before = os.getloadavg()[0]
+  _, batch_size, num_classes, (k_t, s_t), _ = SIZES[cfg["size"]]
+  batch_size = cfg.get("batch") or batch_size
+  spec = build_spec(cfg)
+  model = NTKCL(spec)
+  v = spec.vit
+  t0 = time.perf_counter()
+  params = init_params(spec, jax.random.key(0))
+  rng = np.random.default_rng(0)
+  images = jnp.asarray(rng.uniform(size=(batch_size, v.image_size, v.image_size, 3)), jnp.float32)
+  protos = np.zeros((num_classes, spec.feature_dim), np.float32)
+  protos[: k_t + s_t] = rng.normal(size=(k_t + s_t, spec.feature_dim))
+  protos_j = jnp.asarray(protos)
+  jax.block_until_ready(params)
+  init_s = time.perf_counter() - t0
+  rss_after_init = bench_util.proc_status_bytes("VmRSS")
+
+  if cfg["phase"] == "train":
+    params["proxy_head"] = init_proxy_head(jax.random.key(1), spec.feature_dim, s_t)
+    trainable, frozen = split_trainable(params)
+    tx = make_optimizer(5e-4, 0.9)
+    state = TrainState(params=trainable, opt_state=tx.init(trainable), step=jnp.int32(0))
+    aux = {
+      "task": TaskInfo.make(k_t, s_t, n_old=k_t, use_reg=True),
+      "prototypes": protos_j,
+      "orth_basis": jnp.asarray(losses.orthogonality_basis(protos[: k_t + s_t], 40)),
+      # a copy: the state is donated, the snapshot must not alias its buffers (as in train.py)
+      "reg_snapshot": jax.tree_util.tree_map(jnp.copy, reg_targets(trainable)),
+    }
+    labels = k_t + rng.integers(0, s_t, size=batch_size)
+    batch = {
+      "image": images,
+      "label": jnp.asarray(labels, jnp.int32),
+      "mask": jnp.ones((batch_size,), bool),
+    }
+    if cfg["grad_frozen"]:
+      # Differentiate the frozen partition too (its gradient norm joins the terms, so XLA
+      # cannot drop it): the cost the trainable/frozen split avoids.
+      step = _grad_frozen_step(model, tx, batch_size)
+    else:
+      step = make_train_step(model, losses.LossWeights(), tx, batch_size)
+    fn = jax.jit(step, donate_argnums=(0,) if cfg["donate"] else ())
+    keys = [jax.random.key(i) for i in range(cfg["repeats"] + 1)]
+    lr = 0.01
+    t0 = time.perf_counter()
+    compiled = fn.lower(state, frozen, aux, batch, keys[0], lr).compile()
+    compile_s = time.perf_counter() - t0
+
+    def call(i):
+      nonlocal state
+      state, terms = compiled(state, frozen, aux, batch, keys[i], lr)
+      jax.block_until_ready((state, terms))
+      return terms
+
+  else:
+    eval_params = {k: params[k] for k in ("backbone", "peft", "fusion")}
+    weights = (1.0, 0.3, 0.1) if spec.use_init_ptm else (0.3, 0.1)
+    fn = jax.jit(make_eval_fn(model, weights))
+    num_seen = jnp.int32(k_t + s_t)
+    t0 = time.perf_counter()
+    compiled = fn.lower(eval_params, protos_j, num_seen, images).compile()
+    compile_s = time.perf_counter() - t0
+
+    def call(i):
+      out = compiled(eval_params, protos_j, num_seen, images)
+      jax.block_until_ready(out)
+      return out
+
+  first, timing = bench_util.time_calls(call, cfg["repeats"], batch_size)
+  finite = None
+  if cfg["phase"] == "train":
+    finite = bool(np.isfinite(float(first["total"])))
+
+  mem = compiled.memory_analysis()
+  dev = jax.local_devices()[0]
+  stats = dev.memory_stats() or {}
+  return {
+    **cfg,
+    "batch": batch_size,
+    "platform": dev.platform,
+    "device_kind": dev.device_kind,
+    "init_s": init_s,
+    "compile_s": compile_s,
+    **timing,
+    "xla_flops_per_img": (lambda f: None if f is None else f / batch_size)(_cost_flops(compiled)),
+    # the analytic count covers the shipped step (frozen weights get no gradient)
+    "analytic_flops_per_img": (
+      None
+      if cfg.get("grad_frozen")
+      else analytic_flops(spec, num_classes, s_t, batch_size)[cfg["phase"]]
+    ),
+    "xla_temp_bytes": getattr(mem, "temp_size_in_bytes", None),
+    "peak_rss_bytes": bench_util.peak_rss_bytes(),
+    "rss_after_init_bytes": rss_after_init,
+    "device_peak_bytes": stats.get("peak_bytes_in_use"),
+    "loss_finite": finite,
+    "load_avg_before": load_before,
+    "load_avg_after": os.getloadavg()[0],
+  }
