@@ -122,9 +122,31 @@ def time_kernels(kind: str, n: int, impls, repeats: int, k: int) -> list[dict]:
       reference = theta_nn
     rel = float(np.abs(theta_nn - reference).max() / np.abs(reference).max())
     rows.append(
-      {**row, "first_s": first, "median_s": statistics.median(times), "max_rel_diff_vs_first": rel}
+      {
+        **row,
+        "first_s": first,
+        "median_s": statistics.median(times),
+        "max_rel_diff_vs_first": rel,
+        **kernel_checks(theta_nn),
+      }
     )
   return rows
+
+
+def kernel_checks(theta_nn) -> dict:
+  """What Θ is, not how fast: its shape, whether it is finite and symmetric, and its eigenvalue
+  range relative to the largest (a Gram matrix is PSD: the smallest is >= 0 up to rounding)."""
+  import numpy as np
+
+  t = np.asarray(theta_nn, np.float64)
+  finite = bool(np.isfinite(t).all())
+  out = {"theta_shape": list(t.shape), "theta_finite": finite}
+  if finite and t.ndim == 2 and t.shape[0] == t.shape[1]:
+    eig = np.linalg.eigvalsh((t + t.T) / 2)
+    scale = max(float(np.abs(eig).max()), 1e-30)
+    out["theta_asymmetry"] = float(np.abs(t - t.T).max() / scale)
+    out["theta_min_eig_rel"] = float(eig.min() / scale)
+  return out
 
 
 def sweep_point(n: int, impl: str, repeats: int, k: int) -> dict:
