@@ -32,6 +32,23 @@ VARIANTS = {
   "channel_only": ["--config.model.name=channel"],
   "patch_only": ["--config.model.name=patch"],
   "bfloat16": ["--config.model.dtype=bfloat16"],  # reference mode, bf16 compute
+  # -- issue 16: strong frozen-backbone baselines and NTK-CL variants (ntkcl_jax/analytic_heads.py)
+  "ranpac": ["--config.method=ranpac"],  # first-session adaptation (task 0), RP + ridge
+  "ranpac_no_fsa": ["--config.method=ranpac", "--config.train.adapt_tasks=0"],
+  "aper": ["--config.method=aper"],  # first-session adapters, [frozen; adapted] prototypes
+  "ntkcl_corrected_no_dc": ["--config.mode=corrected", "--config.quirks.prototype_refresh=never"],
+  "ntkcl_corrected_ridge": ["--config.mode=corrected", "--config.eval.head=ridge"],
+  "ntkcl_fs_ridge": [
+    "--config.mode=corrected",
+    "--config.train.adapt_tasks=1",
+    "--config.eval.head=ridge",
+  ],
+  "ntkcl_fs_ridge_ptm": [
+    "--config.mode=corrected",
+    "--config.train.adapt_tasks=1",
+    "--config.eval.head=ridge",
+    "--config.model.use_init_ptm=True",
+  ],
 }
 
 

@@ -14,6 +14,7 @@ from typing import Any
 import jax.numpy as jnp
 import ml_collections
 
+from ntkcl_jax import analytic_heads
 from ntkcl_jax.losses import LossWeights
 from ntkcl_jax.models.ntkcl import REMAT_POLICIES, ModelSpec
 from ntkcl_jax.models.vit import ViTSpec
@@ -93,7 +94,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.seed = 0  # class-order seed (SPEC 2.7), also seeds all JAX keys.
   c.mode = "reference"
   c.quirks = ml_collections.ConfigDict({k: AUTO for k in QUIRKS})
-  c.method = "ntkcl"  # ntkcl | simplecil | seq_finetune | joint (baselines, same harness)
+  c.method = "ntkcl"  # ntkcl | simplecil | seq_finetune | joint | ranpac | aper (same harness)
 
   c.data = ml_collections.ConfigDict()
   c.data.name = "animal_mnist"
@@ -141,6 +142,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.tensorboard = True  # event files in workdir/tensorboard when tensorboardX is installed
   c.train.checkpoint_every_steps = 500
   c.train.max_tasks = -1  # -1: all tasks; a positive number truncates the stream.
+  # Tasks that take training steps (analytic_heads): -1 = all (ranpac/aper: 1, first session).
+  c.train.adapt_tasks = -1
 
   c.loss = ml_collections.ConfigDict()
   c.loss.lambda_mi = 0.2  # = the reference's nce_temp (0.03 for CIFAR-100)
@@ -154,6 +157,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.alpha = 0.1  # current-bank section weight
   c.eval.beta = 1.0  # PTM section weight
   c.eval.gamma = 0.3  # EMA section weight
+  c.eval.head = "prototypes"  # prototypes | ridge (closed-form RanPAC head on m; analytic_heads)
+
+  # Closed-form ridge head (method=ranpac, or eval.head=ridge): ReLU random projection d -> M.
+  c.ridge = ml_collections.ConfigDict()
+  c.ridge.projection_dim = 2048  # M; 0 = ridge on the features themselves
+  c.ridge.val_fraction = 0.2  # held-out share of the current task's training data for λ
 
   c.analysis = ml_collections.ConfigDict()
   c.analysis.enabled = False
@@ -220,7 +229,7 @@ def section_weights(config: ml_collections.ConfigDict) -> tuple[float, ...]:
 
 
 _CHOICES = {
-  "method": ("ntkcl", "simplecil", "seq_finetune", "joint"),
+  "method": ("ntkcl", "simplecil", "seq_finetune", "joint", "ranpac", "aper"),
   "model.name": ("both", "channel", "patch"),
   "model.dtype": ("float32", "bfloat16"),
   "model.remat": tuple(REMAT_POLICIES),
@@ -276,6 +285,7 @@ def validate(config: ml_collections.ConfigDict) -> Quirks:
     if got[key] < 1:
       raise ValueError(f"{key}={got[key]} must be >= 1.")
   quirks = resolve_quirks(config.mode, dict(config.quirks))
+  analytic_heads.check_config(config)
   if config.method == "ntkcl":
     model_spec(config, quirks)  # geometry checks (Q8) raise here, before any data is read
   return quirks

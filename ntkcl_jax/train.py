@@ -23,8 +23,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from ntkcl_jax import analytic_heads, losses, metrics, sharding
 from ntkcl_jax import config as config_lib
-from ntkcl_jax import losses, metrics, sharding
 from ntkcl_jax.baselines import (
   LINEAR_METHODS,
   init_linear_head,
@@ -230,8 +230,11 @@ def run(
 
   # -- model and optimiser ------------------------------------------------------------------------
   linear = config.method in LINEAR_METHODS
+  # issue 16: ranpac/aper train like the linear baselines (first session), then classify their way
+  first_session = config.method in analytic_heads.METHODS
+  linear_step = linear or first_session
   spec = config_lib.model_spec(config, quirks)
-  if linear:  # adapters + linear head on the current channel pass
+  if linear_step:  # adapters + linear head on the current channel pass
     spec = dataclasses.replace(spec, model_name="channel")
   model = NTKCL(spec)
   weights = config_lib.loss_weights(config, quirks)
@@ -244,7 +247,7 @@ def run(
   params = init_params(spec, jax.random.fold_in(root_key, 10_000), backbone)
   frozen_backbone = params["backbone"]
   head_key = jax.random.fold_in(root_key, 10_001)
-  if linear:
+  if linear_step:
     params["proxy_head"] = init_linear_head(head_key, spec.vit.width, num_classes)
   else:
     params["proxy_head"] = init_proxy_head(head_key, spec.feature_dim, head_width)
@@ -253,12 +256,18 @@ def run(
   simplecil = config.method == "simplecil"
   ntkcl = config.method == "ntkcl"
   proto_dim = spec.vit.width if simplecil else spec.feature_dim
+  proto_dim = {"aper": 2 * spec.vit.width, "ranpac": spec.vit.width}.get(config.method, proto_dim)
   state = {
     "train": TrainState(params=trainable, opt_state=tx.init(trainable), step=jnp.int32(0)),
     "ema": frozen["peft"]["ema"],
     "prototypes": jnp.zeros((num_classes, proto_dim), jnp.float32),
     "reg_snapshot": reg_targets(trainable),
   }
+  ridge = None  # issue 16: the closed-form head's statistics are run state (analytic_heads)
+  if analytic_heads.uses_ridge(config):
+    ridge_dim = spec.vit.width if config.method == "ranpac" else spec.feature_dim
+    ridge = analytic_heads.RidgeHead(config, ridge_dim, num_classes)
+    state.update(ridge.init_state())
 
   # -- resume -----------------------------------------------------------------------------------
   ckpts = RunCheckpoints(workdir) if is_writer or jax.process_count() > 1 else None
@@ -311,7 +320,9 @@ def run(
 
   # -- compiled functions (one compilation serves every task) --------------------------------------
   step_fn = (
-    make_linear_train_step(model, tx) if linear else make_train_step(model, weights, tx, batch_size)
+    make_linear_train_step(model, tx)
+    if linear_step
+    else make_train_step(model, weights, tx, batch_size)
   )
   train_step = jax.jit(step_fn, donate_argnums=(0,))
   linear_predict = jax.jit(make_linear_predict(model))
@@ -320,8 +331,12 @@ def run(
     vit = VisionTransformer(spec.vit, dtype=spec.dtype)
     features = jax.jit(lambda p, x: vit.apply({"params": p["backbone"]}, x))
     weights_eval = (1.0,)
+  elif first_session:  # issue 16: aper's cosine over [frozen; adapted], ranpac's adapted feature
+    features = jax.jit(analytic_heads.make_feature_fn(model, config.method))
+    weights_eval = (1.0,)
   else:
     features = jax.jit(make_feature_fn(model))
+  ridge_predict = ridge.make_predict(features) if ridge else None
 
   @jax.jit
   def predict(params, prototypes, num_seen, images):
@@ -391,15 +406,17 @@ def run(
 
   # -- tasks ------------------------------------------------------------------------------------
   bar = _Progress(is_writer, config.train.log_every_steps)
-  epochs = 0 if simplecil else config.train.epochs
+  epochs_all = 0 if simplecil else config.train.epochs
+  n_adapt = analytic_heads.adapt_tasks(config, num_tasks)
   for t in range(progress.task, num_tasks):
+    epochs = epochs_all if t < n_adapt else 0  # issue 16: first-session methods stop training
     k_t, s_t = splits[t]
     task_key = jax.random.fold_in(root_key, t)
     steps = stream.steps_per_epoch(t, batch_size)
     lr_at = epoch_cosine_schedule(config.train.lr, max(epochs, 1), steps)
     if not progress.in_task:  # fresh proxy head and optimiser state (SPEC 2.4 step 1)
       params_t = dict(state["train"].params)
-      if not linear:  # the baselines' linear head persists across tasks
+      if not linear_step:  # the baselines' linear head persists across tasks
         params_t["proxy_head"] = init_proxy_head(
           jax.random.fold_in(task_key, 0), spec.feature_dim, head_width
         )
@@ -483,9 +500,23 @@ def run(
         new_prototypes(t, params_eval, ema_before), mesh
       )
       predict_t = functools.partial(predict, params_eval, state["prototypes"], k_t + s_t)
+    if ridge is not None:  # issue 16: closed-form ridge head (analytic_heads) replaces the cosine
+      feats, labels = batched_apply(
+        lambda x: features(params_eval, x),
+        stream,
+        stream.train_indices(t),
+        "train",
+        eval_batch,
+        mesh,
+      )
+      stats, w_out, ridge_info = ridge.end_of_task(state, feats, labels, k_t + s_t, t)
+      state.update(sharding.put_replicated(stats, mesh))
+      predict_t = functools.partial(ridge_predict, params_eval, jnp.asarray(w_out), k_t + s_t)
     stage = evaluate_stage(
       predict_t, stream, t, eval_batch, mesh, top5=config.data.num_classes > 10
     )
+    if ridge is not None:
+      stage.update(ridge_info)
     progress.stages.append(stage)
     # TensorBoard step: the global step (the task index for methods that take no steps)
     writer.write(
