@@ -49,6 +49,15 @@ VARIANTS = {
     "--config.eval.head=ridge",
     "--config.model.use_init_ptm=True",
   ],
+  # The recommended configuration (README "Beyond the released method"): corrected quirks, NTK-CL
+  # trained on the first task only, PTM section, ridge head on the tripled features [c; p; m].
+  "ntkcl_best": [
+    "--config.mode=corrected",
+    "--config.train.adapt_tasks=1",
+    "--config.eval.head=ridge",
+    "--config.model.use_init_ptm=True",
+    "--config.ridge.features=cpm",
+  ],
 }
 
 

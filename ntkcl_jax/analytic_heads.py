@@ -14,7 +14,8 @@ Config switches (all default to the released behaviour):
   same first-session adaptation (`train.adapt_tasks` default 1), then frozen; prototype of class
   k = mean of [frozen-backbone CLS; adapted CLS] (2d) over its training images; cosine classifier
   over that concatenation.
-- `eval.head=ridge` with `method=ntkcl`: the RanPAC head on NTK-CL's test feature m (the
+- `eval.head=ridge` with `method=ntkcl`: the RanPAC head on NTK-CL's test feature m, or with
+  `ridge.features=cpm` on the tripled features [c; p; m] (the
   prototypes are still formed, since L_MI and L_orth read them in training; only the prediction
   changes). `train.adapt_tasks=k` with `method=ntkcl`: only the first k tasks take training
   steps (first-session NTK-CL; later tasks still run EMA, prototypes and evaluation).
@@ -90,6 +91,18 @@ def make_feature_fn(model: NTKCL, method: str) -> Callable[[Any, jax.Array], jax
     return jnp.concatenate([frozen, adapted(params, images)], axis=-1)
 
   return concat
+
+
+def make_ridge_feature_fn(model: NTKCL, choice: str) -> Callable[[Any, jax.Array], jax.Array]:
+  """NTK-CL's ridge input for `ridge.features=cpm`: [c; p; m] (b, 3D), eval mode."""
+  if choice != "cpm" or model.spec.model_name != "both":
+    raise ValueError(f"ridge.features={choice!r} needs model.name=both.")
+
+  def features(params, images):
+    out = model.apply({"params": params}, images, train=False)
+    return jnp.concatenate([out["c"], out["p"], out["m"]], axis=-1)
+
+  return features
 
 
 class RidgeHead:

@@ -161,8 +161,10 @@ def base_config() -> ml_collections.ConfigDict:
 
   # Closed-form ridge head (method=ranpac, or eval.head=ridge): ReLU random projection d -> M.
   c.ridge = ml_collections.ConfigDict()
-  c.ridge.projection_dim = 2048  # M; 0 = ridge on the features themselves
+  c.ridge.projection_dim = 1024  # M; 0 = ridge on the features themselves
   c.ridge.val_fraction = 0.2  # held-out share of the current task's training data for λ
+  # NTK-CL's ridge input: "m" (the test feature) or "cpm" ([c; p; m], the tripled features)
+  c.ridge.features = "m"
 
   c.analysis = ml_collections.ConfigDict()
   c.analysis.enabled = False
@@ -231,6 +233,7 @@ def section_weights(config: ml_collections.ConfigDict) -> tuple[float, ...]:
 _CHOICES = {
   "method": ("ntkcl", "simplecil", "seq_finetune", "joint", "ranpac", "aper"),
   "model.name": ("both", "channel", "patch"),
+  "ridge.features": ("m", "cpm"),
   "model.dtype": ("float32", "bfloat16"),
   "model.remat": tuple(REMAT_POLICIES),
   "data.value_range": ("0_1", "-1_1"),

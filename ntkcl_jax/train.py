@@ -266,6 +266,7 @@ def run(
   ridge = None  # issue 16: the closed-form head's statistics are run state (analytic_heads)
   if analytic_heads.uses_ridge(config):
     ridge_dim = spec.vit.width if config.method == "ranpac" else spec.feature_dim
+    ridge_dim *= 3 if config.ridge.features == "cpm" and ntkcl else 1
     ridge = analytic_heads.RidgeHead(config, ridge_dim, num_classes)
     state.update(ridge.init_state())
 
@@ -336,7 +337,10 @@ def run(
     weights_eval = (1.0,)
   else:
     features = jax.jit(make_feature_fn(model))
-  ridge_predict = ridge.make_predict(features) if ridge else None
+  ridge_features = features
+  if ridge and ntkcl and config.ridge.features == "cpm":
+    ridge_features = jax.jit(analytic_heads.make_ridge_feature_fn(model, "cpm"))
+  ridge_predict = ridge.make_predict(ridge_features) if ridge else None
 
   @jax.jit
   def predict(params, prototypes, num_seen, images):
@@ -502,7 +506,7 @@ def run(
       predict_t = functools.partial(predict, params_eval, state["prototypes"], k_t + s_t)
     if ridge is not None:  # issue 16: closed-form ridge head (analytic_heads) replaces the cosine
       feats, labels = batched_apply(
-        lambda x: features(params_eval, x),
+        lambda x: ridge_features(params_eval, x),
         stream,
         stream.train_indices(t),
         "train",

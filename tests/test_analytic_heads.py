@@ -100,9 +100,11 @@ def test_aper_trains_the_first_task_only_and_prototypes_concatenate_frozen_featu
 
 
 def test_ntkcl_ridge_head_first_session(cache, tmp_path):
-  """`eval.head=ridge` + `train.adapt_tasks=1`: steps in task 0 only, (G, C) in the checkpoint,
+  """`eval.head=ridge` on [c; p; m] + `train.adapt_tasks=1`: steps in task 0 only, (G, C) in the checkpoint,
   and prototypes still formed (L_MI / L_orth read them)."""
-  config = tc.tiny_config(eval__head="ridge", train__adapt_tasks=1, ridge__projection_dim=M)
+  config = tc.tiny_config(
+    eval__head="ridge", train__adapt_tasks=1, ridge__projection_dim=M, ridge__features="cpm"
+  )
   with tc.compilation_cache(cache):
     summary = train.run(config, tmp_path)
   assert {x["task"] for x in _train_lines(tmp_path)} == {0}
