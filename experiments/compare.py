@@ -50,13 +50,15 @@ VARIANTS = {
     "--config.model.use_init_ptm=True",
   ],
   # The recommended configuration (README "Beyond the released method"): corrected quirks, NTK-CL
-  # trained on the first task only, PTM section, ridge head on the tripled features [c; p; m].
+  # trained on the first task only, PTM section, ridge head on the tripled features [c; p; m]
+  # through a 2048-wide random ReLU projection.
   "ntkcl_best": [
     "--config.mode=corrected",
     "--config.train.adapt_tasks=1",
     "--config.eval.head=ridge",
     "--config.model.use_init_ptm=True",
     "--config.ridge.features=cpm",
+    "--config.ridge.projection_dim=2048",  # M ≥ 3.5x the 576-wide input (RanPAC: 1024 = 16 x 64)
   ],
 }
 
