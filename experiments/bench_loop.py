@@ -1,6 +1,6 @@
 """Does the trainer keep the device busy? Trainer vs jitted step, host pipeline rate, feed threads.
 
-Three measurements in one process (issue 12):
+Three measurements in one process:
 
 1. **loop**: over one task of a config (default: the demo), the trainer's own images/s
    (`train.run`, its `summary["train_loop_time"]`: steps after the compiling first one, end-of-epoch

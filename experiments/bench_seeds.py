@@ -1,4 +1,4 @@
-"""Images/s per seed of the stacked (vmapped) train step at K = 1, 2, 5 seeds (issue 13).
+"""Images/s per seed of the stacked (vmapped) train step at K = 1, 2, 5 seeds.
 
 Command (from the repository root)::
 

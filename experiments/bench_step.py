@@ -45,7 +45,7 @@ Baselines for the float32 all_on rows: `--vs-torch` runs, right after each of ou
 workers, the same configuration of `bench_torch_reference.py` (the official NTK-CL step's
 computation in PyTorch; needs `pip install torch==2.13.0`) and prints ours/PyTorch ratios of
 images/s and peak RSS from the same run; rounds alternate the order. The figures quoted in the
-performance issue (`REFERENCE`, measured on other 2-core CPUs) are printed too, for orientation.
+performance targets (`REFERENCE`, measured on other 2-core CPUs) are printed too, for orientation.
 
   python experiments/bench_step.py --size vitb --vs-torch --rounds 2 --json   # side by side
   python experiments/bench_step.py --size vitb --vs-official /tmp/ntkcl_official --rounds 2  # the

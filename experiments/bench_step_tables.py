@@ -1,4 +1,4 @@
-"""Result tables of `bench_step.py`: per-configuration rows, the issue's reference figures,
+"""Result tables of `bench_step.py`: per-configuration rows, the reference figures,
 ours vs the PyTorch / official baselines (same run) and the ablation ratios; each table uses the
 best round of every configuration (`best_of_rounds`)."""
 
@@ -11,7 +11,7 @@ from experiments.bench_step_worker import SWITCH_DEFAULTS
 
 REFERENCE = {
   # (ptm) -> official PyTorch NTK-CL, 2 CPU cores, float32, ViT-B/16, batch 16 (ranges: min, max),
-  # as quoted by the performance issue (its CPUs: AVX-512/AMX; check `lscpu` for yours)
+  # as quoted by the performance targets (their CPUs: AVX-512/AMX; check `lscpu` for yours)
   False: {"train_img_s": (1.24, 1.33), "eval_img_s": (1.90, 2.05), "peak_rss_gb": 6.6},
   True: {"train_img_s": (1.10, 1.10), "eval_img_s": (1.61, 1.63), "peak_rss_gb": 6.8},
 }
@@ -114,7 +114,7 @@ def print_reference(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
       }
     )
   if rows:
-    print("\nViT-B/16 float32 batch 16 vs the issue's quoted PyTorch figures (other CPUs):")
+    print("\nViT-B/16 float32 batch 16 vs the quoted PyTorch target figures (other CPUs):")
     print(
       f"{'ptm':5} {'phase':5} {'ours img/s':>10} {'ref img/s':>11} {'ours/ref':>8} "
       f"{'RSS GB':>6} {'ref GB':>6} {'ratio':>5}"

@@ -34,6 +34,34 @@ VARIANTS = {
   "channel_only": ["--config.model.name=channel"],
   "patch_only": ["--config.model.name=patch"],
   "bfloat16": ["--config.model.dtype=bfloat16"],  # reference mode, bf16 compute
+  # -- strong frozen-backbone baselines and NTK-CL variants (ntkcl_jax/analytic_heads.py)
+  "ranpac": ["--config.method=ranpac"],  # first-session adaptation (task 0), RP + ridge
+  "ranpac_no_fsa": ["--config.method=ranpac", "--config.train.adapt_tasks=0"],
+  "aper": ["--config.method=aper"],  # first-session adapters, [frozen; adapted] prototypes
+  "ntkcl_corrected_no_dc": ["--config.mode=corrected", "--config.quirks.prototype_refresh=never"],
+  "ntkcl_corrected_ridge": ["--config.mode=corrected", "--config.eval.head=ridge"],
+  "ntkcl_fs_ridge": [
+    "--config.mode=corrected",
+    "--config.train.adapt_tasks=1",
+    "--config.eval.head=ridge",
+  ],
+  "ntkcl_fs_ridge_ptm": [
+    "--config.mode=corrected",
+    "--config.train.adapt_tasks=1",
+    "--config.eval.head=ridge",
+    "--config.model.use_init_ptm=True",
+  ],
+  # The recommended configuration (README "Beyond the released method"): corrected quirks, NTK-CL
+  # trained on the first task only, PTM section, ridge head on the tripled features [c; p; m]
+  # through a 2048-wide random ReLU projection.
+  "ntkcl_best": [
+    "--config.mode=corrected",
+    "--config.train.adapt_tasks=1",
+    "--config.eval.head=ridge",
+    "--config.model.use_init_ptm=True",
+    "--config.ridge.features=cpm",
+    "--config.ridge.projection_dim=2048",  # M ≥ 3.5x the 576-wide input (RanPAC: 1024 = 16 x 64)
+  ],
 }
 
 

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from ntkcl_jax import analytic_heads
 from ntkcl_jax.losses import LossWeights
 from ntkcl_jax.models.ntkcl import REMAT_POLICIES, ModelSpec
 from ntkcl_jax.models.vit import ViTSpec
@@ -94,7 +95,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.seed = 0  # class-order seed (SPEC 2.7), also seeds all JAX keys.
   c.mode = "reference"
   c.quirks = ml_collections.ConfigDict({k: AUTO for k in QUIRKS})
-  c.method = "ntkcl"  # ntkcl | simplecil | seq_finetune | joint (baselines, same harness)
+  c.method = "ntkcl"  # ntkcl | simplecil | seq_finetune | joint | ranpac | aper (same harness)
 
   c.data = ml_collections.ConfigDict()
   c.data.name = "animal_mnist"
@@ -142,10 +143,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.tensorboard = True  # event files in workdir/tensorboard when tensorboardX is installed
   c.train.checkpoint_every_steps = 500
   c.train.max_tasks = -1  # -1: all tasks; a positive number truncates the stream.
-  # -- accelerator path (issue 12): precision of every traced matmul, expected backend, prefetch
+  # -- accelerator path: precision of every traced matmul, expected backend, prefetch
   c.model.matmul_precision = "highest"  # default | high | highest (PyTorch float32 = highest)
   c.train.platform = "any"  # any | cpu | gpu | tpu: fail at start when that backend is absent
   c.train.prefetch_batches = 2  # host batches built and placed ahead of the step (>= 1)
+  # Tasks that take training steps (analytic_heads): -1 = all (ranpac/aper: 1, first session).
+  c.train.adapt_tasks = -1
 
   c.loss = ml_collections.ConfigDict()
   c.loss.lambda_mi = 0.2  # = the reference's nce_temp (0.03 for CIFAR-100)
@@ -159,6 +162,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.alpha = 0.1  # current-bank section weight
   c.eval.beta = 1.0  # PTM section weight
   c.eval.gamma = 0.3  # EMA section weight
+  c.eval.head = "prototypes"  # prototypes | ridge (closed-form RanPAC head on m; analytic_heads)
+
+  # Closed-form ridge head (method=ranpac, or eval.head=ridge): ReLU random projection d -> M.
+  c.ridge = ml_collections.ConfigDict()
+  c.ridge.projection_dim = 1024  # M; 0 = ridge on the features themselves
+  c.ridge.val_fraction = 0.2  # held-out share of the current task's training data for λ
+  # NTK-CL's ridge input: "m" (the test feature) or "cpm" ([c; p; m], the tripled features)
+  c.ridge.features = "m"
 
   c.analysis = ml_collections.ConfigDict()
   c.analysis.enabled = False
@@ -236,8 +247,9 @@ def section_weights(config: ml_collections.ConfigDict) -> tuple[float, ...]:
 
 
 _CHOICES = {
-  "method": ("ntkcl", "simplecil", "seq_finetune", "joint"),
+  "method": ("ntkcl", "simplecil", "seq_finetune", "joint", "ranpac", "aper"),
   "model.name": ("both", "channel", "patch"),
+  "ridge.features": ("m", "cpm"),
   "model.dtype": ("float32", "bfloat16"),
   "model.remat": tuple(REMAT_POLICIES),
   "data.value_range": ("0_1", "-1_1"),
@@ -294,6 +306,7 @@ def validate(config: ml_collections.ConfigDict) -> Quirks:
     if got[key] < 1:
       raise ValueError(f"{key}={got[key]} must be >= 1.")
   quirks = resolve_quirks(config.mode, dict(config.quirks))
+  analytic_heads.check_config(config)
   if config.method == "ntkcl":
     model_spec(config, quirks)  # geometry checks (Q8) raise here, before any data is read
   return quirks

@@ -1,4 +1,4 @@
-"""K seeds trained in lockstep by one jitted step over a (seed, data) mesh (issue 13, building blocks).
+"""K seeds trained in lockstep by one jitted step over a (seed, data) mesh (building blocks).
 
 A stacked run is K independent runs of the same config that differ only in `seed`. Every per-run
 array (trainable parameters, optimiser state, EMA bank, prototypes, reg snapshot) gets a leading

@@ -24,8 +24,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from ntkcl_jax import analytic_heads, losses, metrics, prototypes, sharding
 from ntkcl_jax import config as config_lib
-from ntkcl_jax import losses, metrics, prototypes, sharding
 from ntkcl_jax.baselines import (
   LINEAR_METHODS,
   init_linear_head,
@@ -208,8 +208,11 @@ def run(
 
   # -- model and optimiser ------------------------------------------------------------------------
   linear = config.method in LINEAR_METHODS
+  # ranpac/aper train like the linear baselines (first session), then classify their way
+  first_session = config.method in analytic_heads.METHODS
+  linear_step = linear or first_session
   spec = config_lib.model_spec(config, quirks)
-  if linear:  # adapters + linear head on the current channel pass
+  if linear_step:  # adapters + linear head on the current channel pass
     spec = dataclasses.replace(spec, model_name="channel")
   model = NTKCL(spec)
   weights = config_lib.loss_weights(config, quirks)
@@ -218,8 +221,8 @@ def run(
     log.warning("backbone.checkpoint_path is empty: using a randomly initialised backbone.")
   params = initial_params(config, spec)
   frozen_backbone = params["backbone"]
-  if linear:  # the baselines' linear head persists across tasks
-    head_key = jax.random.fold_in(root_key, 10_001)
+  head_key = jax.random.fold_in(root_key, 10_001)
+  if linear_step:  # the baselines' linear head persists across tasks
     params["proxy_head"] = init_linear_head(head_key, spec.vit.width, num_classes)
   else:  # zeros of the right layout: each task draws its own head (tasks, below)
     head = functools.partial(init_proxy_head, feature_dim=spec.feature_dim, width=head_width)
@@ -230,12 +233,19 @@ def run(
   simplecil = config.method == "simplecil"
   ntkcl = config.method == "ntkcl"
   proto_dim = spec.vit.width if simplecil else spec.feature_dim
+  proto_dim = {"aper": 2 * spec.vit.width, "ranpac": spec.vit.width}.get(config.method, proto_dim)
   state = {
     "train": TrainState(params=trainable, opt_state=tx.init(trainable), step=jnp.int32(0)),
     "ema": frozen["peft"]["ema"],
     "prototypes": jnp.zeros((num_classes, proto_dim), jnp.float32),
     "reg_snapshot": reg_targets(trainable),
   }
+  ridge = None  # the closed-form head's statistics are run state (analytic_heads)
+  if analytic_heads.uses_ridge(config):
+    ridge_dim = spec.vit.width if config.method == "ranpac" else spec.feature_dim
+    ridge_dim *= 3 if config.ridge.features == "cpm" and ntkcl else 1
+    ridge = analytic_heads.RidgeHead(config, ridge_dim, num_classes)
+    state.update(ridge.init_state())
 
   # -- resume -----------------------------------------------------------------------------------
   ckpts = RunCheckpoints(workdir) if is_writer or jax.process_count() > 1 else None
@@ -290,25 +300,31 @@ def run(
 
   # -- compiled functions (one compilation serves every task) --------------------------------------
   step_fn = (
-    make_linear_train_step(model, tx) if linear else make_train_step(model, weights, tx, batch_size)
+    make_linear_train_step(model, tx)
+    if linear_step
+    else make_train_step(model, weights, tx, batch_size)
   )
   precision = config.model.matmul_precision
   check_aux = quirks.nonfinite_aux == "mask_or_raise"
   train_step = jax.jit(
     with_matmul_precision(make_loop_step(step_fn, check_aux), precision), donate_argnums=(0, 1)
   )
-  linear_predict = jax.jit(with_matmul_precision(make_linear_predict(model), precision))
+  jit_p = lambda fn: jax.jit(with_matmul_precision(fn, precision))  # noqa: E731
+  linear_predict = jit_p(make_linear_predict(model))
   if simplecil:  # prototypes of the plain pre-trained ViT's CLS feature, one logit section
     vit = VisionTransformer(spec.vit, dtype=spec.dtype)
-    features = jax.jit(
-      with_matmul_precision(lambda p, x: vit.apply({"params": p["backbone"]}, x), precision)
-    )
-    predict = jax.jit(with_matmul_precision(make_predict_fn(features, (1.0,)), precision))
+    features = jit_p(lambda p, x: vit.apply({"params": p["backbone"]}, x))
+    predict = jit_p(make_predict_fn(features, (1.0,)))
+  elif first_session:  # APER's cosine over [frozen; adapted], RanPAC's adapted feature
+    features = jit_p(analytic_heads.make_feature_fn(model, config.method))
+    predict = jit_p(make_predict_fn(features, (1.0,)))
   else:
-    features = jax.jit(with_matmul_precision(make_feature_fn(model), precision))
-    predict = jax.jit(
-      with_matmul_precision(make_eval_fn(model, config_lib.section_weights(config)), precision)
-    )
+    features = jit_p(make_feature_fn(model))
+    predict = jit_p(make_eval_fn(model, config_lib.section_weights(config)))
+  ridge_features = features
+  if ridge and ntkcl and config.ridge.features == "cpm":
+    ridge_features = jit_p(analytic_heads.make_ridge_feature_fn(model, "cpm"))
+  ridge_predict = ridge.make_predict(ridge_features) if ridge else None
 
   def eval_params(st, ema=None):
     return {
@@ -373,14 +389,16 @@ def run(
   # -- tasks ------------------------------------------------------------------------------------
   bar = _Progress(is_writer, config.train.log_every_steps)
   train_loop_time: list[dict[str, Any]] = []
-  epochs = 0 if simplecil else config.train.epochs
+  epochs_all = 0 if simplecil else config.train.epochs
+  n_adapt = analytic_heads.adapt_tasks(config, num_tasks)
   for t in range(progress.task, num_tasks):
+    epochs = epochs_all if t < n_adapt else 0  # first-session methods stop training after n_adapt
     k_t, s_t = splits[t]
     task_key = jax.random.fold_in(root_key, t)
     steps = stream.steps_per_epoch(t, batch_size)
     if not progress.in_task:  # fresh proxy head and optimiser state (SPEC 2.4 step 1)
       params_t = dict(state["train"].params)
-      if not linear:  # the baselines' linear head persists across tasks
+      if not linear_step:  # the baselines' linear head persists across tasks
         params_t["proxy_head"] = init_proxy_head(
           jax.random.fold_in(task_key, 0), spec.feature_dim, head_width
         )
@@ -498,7 +516,21 @@ def run(
         new_prototypes(t, params_eval, ema_before), mesh
       )
       predict_t = functools.partial(predict, params_eval, state["prototypes"], k_t + s_t)
+    if ridge is not None:  # closed-form ridge head (analytic_heads) replaces the cosine one
+      feats, labels = batched_apply(
+        lambda x: ridge_features(params_eval, x),
+        stream,
+        stream.train_indices(t),
+        "train",
+        eval_batch,
+        mesh,
+      )
+      stats, w_out, ridge_info = ridge.end_of_task(state, feats, labels, k_t + s_t, t)
+      state.update(sharding.put_replicated(stats, mesh))
+      predict_t = functools.partial(ridge_predict, params_eval, jnp.asarray(w_out), k_t + s_t)
     stage = evaluate_stage(predict_t, stream, t, eval_batch, mesh)
+    if ridge is not None:
+      stage.update(ridge_info)
     progress.stages.append(stage)
     # TensorBoard step: the global step (the task index for methods that take no steps)
     writer.write(

@@ -1,4 +1,4 @@
-"""Quirk switches at both values, through the trainer where they act (SPEC 4), and issue-14 defects.
+"""Quirk switches at both values, through the trainer where they act (SPEC 4), and the defects they once had.
 
 Two full runs of a 2-task sequence (5 + 5 classes of the tiny demo config), one per mode, expose
 what each switch changes: Q5 `ema_after_last_task` (the EMA bank after the last task), Q6
@@ -144,7 +144,7 @@ def test_corrected_run_end_to_end(corrected):
 
 
 def test_truncated_run_equals_the_full_run_up_to_its_last_task(tmp_path_factory, reference):
-  """Issue 14, defect 4: `train.max_tasks` must not make task 0 the "last task" of Q5."""
+  """`train.max_tasks` must not make task 0 the "last task" of Q5."""
   truncated, summary, _ = _run(tmp_path_factory, "truncated", mode="reference", train__max_tasks=1)
   full = reference[0].ends[0]
   assert _equal(truncated.ends[0]["params"], full["params"])
@@ -153,7 +153,7 @@ def test_truncated_run_equals_the_full_run_up_to_its_last_task(tmp_path_factory,
 
 
 def test_ablations_train_the_branch_ce_alone():
-  """Issue 14, defect 1: channel / patch ablations use no L_MI, L_orth or L_reg (SPEC 2.1)."""
+  """Channel / patch ablations use no L_MI, L_orth or L_reg (SPEC 2.1)."""
   for name, ce in (("channel", ("c",)), ("patch", ("p",))):
     config = tc.tiny_config(model__name=name)
     w = config_lib.loss_weights(config, config_lib.validate(config))

@@ -1,4 +1,4 @@
-"""Stacked seeds (issue 13): vmapped step = K single-seed steps, the (seed, data) mesh, helpers."""
+"""Stacked seeds: vmapped step = K single-seed steps, the (seed, data) mesh, helpers."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Entry points for outside verifiers (issue 15): per-pass features, a fixed L_MI row set, the
+"""Entry points for outside verifiers: per-pass features, a fixed L_MI row set, the
 training loss with dropout off (`deterministic`), and the loss's outputs."""
 
 import functools

@@ -455,7 +455,7 @@ def test_end_to_end_train_run_fills_summary(trained):
 
 
 def test_mid_task_checkpoint_uses_the_finished_tasks_prototypes(trained, tmp_path):
-  """Issue 14, defect 3: a checkpoint inside task 1 holds task 0's 2 prototypes (num_seen 2)."""
+  """A checkpoint inside task 1 holds task 0's 2 prototypes (num_seen 2)."""
   from tests.tiny_configs import checkpoint_numbers
 
   config, _, workdir = trained
