@@ -1,5 +1,8 @@
 """K seeds trained in lockstep by one jitted step over a (seed, data) mesh (building blocks).
 
+One module past ~400 lines on purpose: layout rule, shardings, stacking, vmap wrappers and the
+per-seed batch zip share one convention (seed axis first, "seed" mesh axis) and are used together.
+
 A stacked run is K independent runs of the same config that differ only in `seed`. Every per-run
 array (trainable parameters, optimiser state, EMA bank, prototypes, reg snapshot) gets a leading
 seed axis of size K, and the per-run step function, unchanged (`train_step.make_train_step`), is

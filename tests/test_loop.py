@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from ntkcl_jax import config as config_lib
-from ntkcl_jax import losses, sharding, train
+from ntkcl_jax import losses, sharding, train, workdir
 from ntkcl_jax.data.prefetch import prefetch
 from ntkcl_jax.models.ntkcl import NTKCL
 from ntkcl_jax.optim import epoch_cosine_schedule, make_optimizer
@@ -160,8 +160,8 @@ def test_matmul_precision_is_in_the_lowered_train_step(precision):
 def test_matmul_precision_key_defaults_and_binds_like_old_workdirs():
   c = config_lib.base_config()
   assert c.model.matmul_precision == "highest" and c.train.platform == "any"
-  assert train._SCHEMA_ADDITIONS["model.matmul_precision"] == "highest"
-  assert "train.platform" in train._OUTPUT_ONLY_KEYS
+  assert workdir.SCHEMA_ADDITIONS["model.matmul_precision"] == "highest"
+  assert "train.platform" in workdir.OUTPUT_ONLY_KEYS
   c.model.matmul_precision = "bf16"
   with pytest.raises(ValueError, match=r"model.matmul_precision='bf16'; valid"):
     config_lib.validate(c)
@@ -181,7 +181,7 @@ def test_backend_info_and_platform_check():
 
 
 def test_precision_settings_compute_the_same_on_cpu():
-  """Why `_SCHEMA_ADDITIONS` may say "highest": on CPU every setting gives the same float32."""
+  """Why `SCHEMA_ADDITIONS` may say "highest": on CPU every setting gives the same float32."""
   x = jax.random.normal(jax.random.key(0), (32, 200))
   w = jax.random.normal(jax.random.key(1), (200, 50))
   f = lambda a, b: jnp.tanh(a @ b) @ b.T  # noqa: E731
