@@ -52,7 +52,7 @@ if ROOT not in sys.path:
 
 from experiments import bench_util  # noqa: E402
 from ntkcl_jax import config as config_lib  # noqa: E402
-from ntkcl_jax import losses, sharding, train  # noqa: E402
+from ntkcl_jax import losses, run_state, sharding, train  # noqa: E402
 from ntkcl_jax.data import ArraySource, TaskStream, class_order  # noqa: E402
 from ntkcl_jax.data.prefetch import prefetch  # noqa: E402
 from ntkcl_jax.models.ntkcl import NTKCL, init_params  # noqa: E402
@@ -176,7 +176,7 @@ def trainer_rate(config) -> dict[str, Any]:
 
 def bench_loop(config, repeats: int) -> dict[str, Any]:
   config = config_lib_copy(config, {"train.max_tasks": 1, "analysis.enabled": False})
-  stream = train.build_stream(config)
+  stream = run_state.build_stream(config)
   B = config.train.batch_size
   steps = stream.steps_per_epoch(0, B) * config.train.epochs
   run_step, compile_s = step_alone_setup(config, stream, num_batches=4)

@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import shutil
 
-import jax
 import numpy as np
 import pytest
 
-from ntkcl_jax import closed_form, metrics, train
+from ntkcl_jax import closed_form, metrics, run_state, train
 from ntkcl_jax import config as config_lib
-from ntkcl_jax.evaluate import class_means
 from ntkcl_jax.models.ntkcl import init_params
 from ntkcl_jax.models.vit import VisionTransformer
+from ntkcl_jax.prototypes import class_means
 from tests import tiny_configs as tc
 
 M = 24  # projection width of the tiny runs
@@ -32,9 +31,9 @@ def _frozen_features(config):
   """(features (n, d), labels) per task of the frozen backbone, as the run initialises it."""
   quirks = config_lib.validate(config)
   spec = config_lib.model_spec(config, quirks)
-  params = init_params(spec, jax.random.fold_in(jax.random.key(config.seed), 10_000), None)
+  params = init_params(spec, config_lib.init_key(config.seed), None)
   vit = VisionTransformer(spec.vit)
-  stream = train.build_stream(config)
+  stream = run_state.build_stream(config)
   out = []
   for t in range(config.train.max_tasks):
     feats, labels = [], []
