@@ -110,7 +110,7 @@ def step_alone_setup(config, stream: TaskStream, num_batches: int):
   model = NTKCL(spec)
   weights = config_lib.loss_weights(config, quirks)
   root = jax.random.key(config.seed)
-  params = init_params(spec, jax.random.fold_in(root, 10_000), None)
+  params = init_params(spec, config_lib.init_key(config.seed), None)
   k_t, s_t = stream.splits[0]
   head_width = max(s for _, s in stream.splits)
   params["proxy_head"] = init_proxy_head(
