@@ -59,12 +59,14 @@ def test_ranpac_statistics_equal_numpy_and_resume_is_identical(cache, tmp_path):
   assert _train_lines(tmp_path) == []
   leaves, _ = tc.read_checkpoint(tmp_path)
   w_rp = closed_form.random_projection(config.seed + 10_002, 16, M).astype(np.float64)
-  G, C = np.zeros((M, M)), np.zeros((M, 4))  # 2 tasks: 4 classes
+  # 2 tasks run (4 classes); C has a column per class of the whole sequence (10), unseen ones 0
+  G, C = np.zeros((M, M)), np.zeros((M, 10))
   for f, y in _frozen_features(config):
     h = np.maximum(f.astype(np.float64) @ w_rp, 0)
-    G, C = G + h.T @ h, C + h.T @ np.eye(4)[y]
+    G, C = G + h.T @ h, C + h.T @ np.eye(10)[y]
   np.testing.assert_allclose(leaves["ridge_G"], G, rtol=1e-4, atol=1e-3)
   np.testing.assert_allclose(leaves["ridge_C"], C, rtol=1e-4, atol=1e-3)
+  assert not leaves["ridge_C"][:, 4:].any()
   assert all(s["ridge_lambda"] in closed_form.DEFAULT_LAMBDAS for s in summary["stages"])
 
   # resume: remove the end-of-task-1 checkpoint, rerun the same command
@@ -90,7 +92,8 @@ def test_aper_trains_the_first_task_only_and_prototypes_concatenate_frozen_featu
     summary = train.run(config, tmp_path)
   assert {x["task"] for x in _train_lines(tmp_path)} == {0}
   protos = tc.read_checkpoint(tmp_path)[0]["prototypes"]
-  assert protos.shape == (4, 32)  # [frozen; adapted], d = 16
+  assert protos.shape == (10, 32)  # [frozen; adapted], d = 16; a row per class of the sequence
+  assert not protos[4:].any()  # classes of tasks not run stay zero
   for t, (f, y) in enumerate(_frozen_features(config)):
     rows = range(2 * t, 2 * t + 2)
     np.testing.assert_allclose(protos[2 * t : 2 * t + 2, :16], class_means(f, y, rows), atol=1e-5)
@@ -108,8 +111,9 @@ def test_ntkcl_ridge_head_first_session(cache, tmp_path):
     summary = train.run(config, tmp_path)
   assert {x["task"] for x in _train_lines(tmp_path)} == {0}
   leaves, _ = tc.read_checkpoint(tmp_path)
-  assert leaves["ridge_G"].shape == (M, M) and leaves["ridge_C"].shape == (M, 4)
-  assert leaves["ridge_C"].sum(0).min() > 0  # every seen class has statistics (h ≥ 0)
+  assert leaves["ridge_G"].shape == (M, M) and leaves["ridge_C"].shape == (M, 10)
+  assert leaves["ridge_C"][:, :4].sum(0).min() > 0  # every seen class has statistics (h ≥ 0)
+  assert not leaves["ridge_C"][:, 4:].any()
   assert np.abs(leaves["prototypes"][:4]).sum(1).min() > 0
   assert np.isfinite(summary["last_acc"]) and "ridge_lambda" in summary["stages"][1]
 
