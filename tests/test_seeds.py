@@ -154,6 +154,7 @@ def test_vmapped_step_equals_single_seed_steps_and_skips_padding(backbone):
   assert _max_diff(per_seed[0].params, per_seed[1].params)[0] > 1e-3  # the seeds really differ
 
 
+@pytest.mark.slow
 def test_seed_mesh_4x2_matches_single_device(backbone):
   """K = 4 seeds on 8 devices as 4 x 2: state P("seed"), batch P("seed", "data"), vs 1 device."""
   if jax.device_count() != 8:
@@ -211,6 +212,7 @@ def test_seed_mesh_4x2_matches_single_device(backbone):
   assert state_diff[1] <= MESH_RTOL and term_diff[1] <= MESH_RTOL and orth_diff <= ORTH_ATOL
 
 
+@pytest.mark.slow
 def test_vmapped_eval_and_features_equal_single_seed(backbone):
   """The eval function (features, section-weighted prototype logits, top-1/top-5) on K = 3
   stacked seeds, each with its own images, equals each seed alone."""
