@@ -3,8 +3,12 @@
 Command (the README's demo table):
   python experiments/compare.py --config experiments/configs/demo.py --seeds 0,1,2 \
     --out workdirs/compare_demo
-Each run is `python -m ntkcl_jax.main` in `<out>/<variant>/seed<k>` (a finished run is reused, an
-interrupted one resumes), then `<out>/results.md`, `<out>/results.csv` and `<out>/results.png`.
+Each variant's seeds train together as one stacked run (`--config.seeds=0,1,2`, one jitted step
+vmapped over the seeds) in `<out>/<variant>`, which writes `seed_<s>/summary.json` per seed; the
+closed-form ridge variants (RanPAC, `eval.head=ridge`), which do not stack, and every variant
+under `--per-seed` run one `python -m ntkcl_jax.main` per seed in `<out>/<variant>/seed<k>`. A
+finished run is reused, an interrupted one resumes. Then `<out>/results.md`, `<out>/results.csv`
+and `<out>/results.png`.
 """
 
 from __future__ import annotations
@@ -65,15 +69,38 @@ VARIANTS = {
 }
 
 
-def run_one(config: str, variant: str, seed: int, out: pathlib.Path, extra: list[str]) -> dict:
-  workdir = out / variant / f"seed{seed}"
-  summary = workdir / "summary.json"
-  if not summary.exists():
-    cmd = [sys.executable, "-m", "ntkcl_jax.main", f"--config={config}", f"--workdir={workdir}"]
-    cmd += [f"--config.seed={seed}", *VARIANTS[variant], *extra]
-    print("+", " ".join(cmd), flush=True)
-    subprocess.run(cmd, check=True)
-  return json.loads(summary.read_text())
+def stacks(variant: str) -> bool:
+  """Whether a variant's seeds can train as one stacked run (`config.seeds`)."""
+  return not any(
+    f in VARIANTS[variant] for f in ("--config.method=ranpac", "--config.eval.head=ridge")
+  )
+
+
+def run_main(config: str, workdir: pathlib.Path, flags: list[str]) -> None:
+  cmd = [sys.executable, "-m", "ntkcl_jax.main", f"--config={config}", f"--workdir={workdir}"]
+  cmd += flags
+  print("+", " ".join(cmd), flush=True)
+  subprocess.run(cmd, check=True)
+
+
+def variant_runs(
+  config: str, variant: str, seeds: list[int], out: pathlib.Path, extra: list[str], per_seed: bool
+) -> list[dict]:
+  """The per-seed summaries of a variant: one stacked run, or one run per seed."""
+  if per_seed or not stacks(variant):
+    summaries = []
+    for seed in seeds:
+      workdir = out / variant / f"seed{seed}"
+      if not (workdir / "summary.json").exists():
+        run_main(config, workdir, [f"--config.seed={seed}", *VARIANTS[variant], *extra])
+      summaries.append(json.loads((workdir / "summary.json").read_text()))
+    return summaries
+  workdir = out / variant
+  paths = [workdir / f"seed_{seed}" / "summary.json" for seed in seeds]
+  if not all(p.exists() for p in paths):
+    seed_list = ",".join(map(str, seeds))
+    run_main(config, workdir, [f"--config.seeds={seed_list}", *VARIANTS[variant], *extra])
+  return [json.loads(p.read_text()) for p in paths]
 
 
 def main() -> None:
@@ -87,6 +114,11 @@ def main() -> None:
     default="--config.analysis.enabled=False",
     help="extra --config.x=y flags, space separated (NTK diagnostics off by default)",
   )
+  parser.add_argument(
+    "--per-seed",
+    action="store_true",
+    help="one process per seed instead of one stacked run per variant",
+  )
   args = parser.parse_args()
   seeds = [int(s) for s in args.seeds.split(",")]
   variants = args.variants.split(",")
@@ -95,7 +127,7 @@ def main() -> None:
     parser.error(f"unknown variants {unknown}; valid: {sorted(VARIANTS)}")
   rows = []
   for variant in variants:
-    runs = [run_one(args.config, variant, s, args.out, args.extra.split()) for s in seeds]
+    runs = variant_runs(args.config, variant, seeds, args.out, args.extra.split(), args.per_seed)
     rows.append(report.seed_row(variant, runs))
   print(report.write_seed_results(args.out, seeds, rows), end="")
 

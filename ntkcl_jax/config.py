@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from ntkcl_jax import analytic_heads
+from ntkcl_jax import seeds as seeds_lib
 from ntkcl_jax.losses import LossWeights
 from ntkcl_jax.models.ntkcl import REMAT_POLICIES, ModelSpec
 from ntkcl_jax.models.vit import ViTSpec
@@ -93,6 +94,9 @@ def base_config() -> ml_collections.ConfigDict:
   """Every key with its default; benchmark configs override values, never add keys."""
   c = ml_collections.ConfigDict()
   c.seed = 0  # class-order seed (SPEC 2.7), also seeds all JAX keys.
+  # "0,1,2,3,4": that many runs (each as `seed` would make it) stacked in one process and one
+  # jitted step, outputs in WORKDIR/seed_<s>/ (seed_stack.py); "" = the one run of `seed`.
+  c.seeds = ""
   c.mode = "reference"
   c.quirks = ml_collections.ConfigDict({k: AUTO for k in QUIRKS})
   c.method = "ntkcl"  # ntkcl | simplecil | seq_finetune | joint | ranpac | aper (same harness)
@@ -149,6 +153,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.prefetch_batches = 2  # host batches built and placed ahead of the step (>= 1)
   # Tasks that take training steps (analytic_heads): -1 = all (ranpac/aper: 1, first session).
   c.train.adapt_tasks = -1
+  # Stacked seeds: devices on the "seed" mesh axis; 0 = gcd(devices, seeds) (seeds.seed_layout).
+  c.train.seed_axis_size = 0
 
   c.loss = ml_collections.ConfigDict()
   c.loss.lambda_mi = 0.2  # = the reference's nce_temp (0.03 for CIFAR-100)
@@ -186,6 +192,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.analysis.lambda_rel = 1e-2
   c.analysis.kernel = "fixed"  # fixed | per_task
   c.analysis.tripled = False  # also the 3N-row c/p/m kernel at init (SPEC 7.6 sweep; ~3x cost)
+  c.analysis.seeds = "first"  # stacked seeds: diagnostics of the "first" seed only, or of "all"
   return c
 
 
@@ -260,6 +267,7 @@ _CHOICES = {
   "analysis.params": ("peft", "peft+fusion", "all_trainable"),
   "analysis.backend": ("native", "neural_tangents"),
   "analysis.kernel": ("fixed", "per_task"),
+  "analysis.seeds": ("first", "all"),
 }
 
 
@@ -307,9 +315,45 @@ def validate(config: ml_collections.ConfigDict) -> Quirks:
       raise ValueError(f"{key}={got[key]} must be >= 1.")
   quirks = resolve_quirks(config.mode, dict(config.quirks))
   analytic_heads.check_config(config)
+  _check_seeds(config)
   if config.method == "ntkcl":
     model_spec(config, quirks)  # geometry checks (Q8) raise here, before any data is read
   return quirks
+
+
+def run_seeds(config: ml_collections.ConfigDict) -> tuple[int, ...]:
+  """The seeds one process trains: those of `seeds` (stacked), else (`seed`,).
+
+  Raises:
+    ValueError: `seeds` is not a list of distinct non-negative ints.
+  """
+  if not config.seeds:
+    return (int(config.seed),)
+  try:
+    return seeds_lib.parse_seeds(config.seeds)
+  except ValueError as e:
+    raise ValueError(f"--config.seeds={config.seeds!r}: {e}") from None
+
+
+def seed_config(config: ml_collections.ConfigDict, seed: int) -> ml_collections.ConfigDict:
+  """The config of the single run of `seed` that a stacked run's seed `seed` reproduces."""
+  c = ml_collections.ConfigDict(config.to_dict())
+  c.seed, c.seeds = int(seed), ""
+  return c
+
+
+def _check_seeds(config: ml_collections.ConfigDict) -> None:
+  seeds = run_seeds(config)
+  if config.train.seed_axis_size < 0:
+    raise ValueError(f"train.seed_axis_size={config.train.seed_axis_size} must be >= 0 (0: auto).")
+  if config.seeds and analytic_heads.uses_ridge(config):
+    raise ValueError(
+      f"--config.seeds={config.seeds!r} with method={config.method!r}, "
+      f"eval.head={config.eval.head!r}: the closed-form ridge head runs one seed per process (its "
+      "solve is on the host and its random projection is seeded per run, so a stacked step would "
+      f"save nothing). Run each seed with --config.seed=<s> (experiments/compare.py does), e.g. "
+      f"--config.seed={seeds[0]}."
+    )
 
 
 def config_hash(config: ml_collections.ConfigDict, ignore: tuple[str, ...] = ()) -> str:

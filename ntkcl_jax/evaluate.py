@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -12,6 +13,44 @@ import numpy as np
 from ntkcl_jax import metrics, sharding
 from ntkcl_jax.data import TaskStream
 from ntkcl_jax.models.heads import section_weighted_logits
+from ntkcl_jax.seed_stack import SeedStack
+
+
+def batched_apply_seeds(
+  fn: Callable[..., Any],
+  streams: Sequence[TaskStream],
+  indices: Sequence[np.ndarray],
+  split: str,
+  batch_size: int,
+  stack: SeedStack,
+) -> list[tuple[Any, np.ndarray]]:
+  """Runs `fn(images)` over each seed's `indices` (test transform), sharded over the mesh.
+
+  Args:
+    fn: images → outputs; in a stacked run images are (K, b, H, W, C) and every output has the
+      leading seed axis (a function vmapped with `stack.vmap`).
+    streams, indices: per seed, its stream and the indices into `split` to run.
+  Returns:
+    Per seed: (outputs concatenated over its valid rows as NumPy, the matching new labels (n,)).
+  """
+  length = max(math.ceil(len(ix) / batch_size) for ix in indices)
+
+  def make(i, process_index, process_count):
+    return streams[i].eval_batches(
+      indices[i], batch_size, split, process_index=process_index, process_count=process_count
+    )
+
+  outs, labels = [[] for _ in streams], [[] for _ in streams]
+  for batch in stack.batches(make, batch_size, length):
+    arrays = stack.put_batch({k: batch[k] for k in ("image", "mask", "label")}, batch_size)
+    got = sharding.to_host((fn(arrays["image"]), arrays["mask"], arrays["label"]))
+    for i, (out, mask, label) in enumerate(stack.split(got)):
+      outs[i].append(jax.tree_util.tree_map(lambda x, m=mask: np.asarray(x)[m], out))
+      labels[i].append(np.asarray(label)[mask])
+  return [
+    (jax.tree_util.tree_map(lambda *xs: np.concatenate(xs), *o), np.concatenate(lab))
+    for o, lab in zip(outs, labels)
+  ]
 
 
 def batched_apply(
@@ -22,24 +61,8 @@ def batched_apply(
   batch_size: int,
   mesh: jax.sharding.Mesh,
 ) -> tuple[Any, np.ndarray]:
-  """Runs `fn(images)` over `indices` (test transform), batch-sharded over the mesh.
-
-  Returns:
-    (outputs concatenated over valid rows as NumPy, the matching new labels (n,)).
-  """
-  outs, labels = [], []
-  pid, pcount = jax.process_index(), jax.process_count()
-  for batch in stream.eval_batches(
-    indices, batch_size, split, process_index=pid, process_count=pcount
-  ):
-    arrays = sharding.put_batch(
-      {"image": batch["image"], "mask": batch["mask"], "label": batch["label"]}, mesh
-    )
-    out, mask, label = sharding.to_host((fn(arrays["image"]), arrays["mask"], arrays["label"]))
-    outs.append(jax.tree_util.tree_map(lambda x, m=mask: np.asarray(x)[m], out))
-    labels.append(np.asarray(label)[mask])
-  stacked = jax.tree_util.tree_map(lambda *xs: np.concatenate(xs), *outs)
-  return stacked, np.concatenate(labels)
+  """`batched_apply_seeds` of one run on the 1-D data mesh: (outputs over valid rows, labels)."""
+  return batched_apply_seeds(fn, [stream], [indices], split, batch_size, SeedStack.single(mesh))[0]
 
 
 def predictions(
@@ -79,6 +102,36 @@ def make_predict_fn(
   return predict
 
 
+def evaluate_stages(
+  predict: Callable[[Any], Any],
+  streams: Sequence[TaskStream],
+  t: int,
+  batch_size: int,
+  stack: SeedStack,
+) -> list[dict[str, Any]]:
+  """Per seed: row t of R, A_t, top-5, old/new and task-id accuracy on the test sets of tasks 0..t.
+
+  Top-5 is reported once at least 5 classes have been seen (C_seen ≥ 5, whatever the dataset's
+  class count); before that fewer than 5 logits are finite and a "top-5" would count −inf rows as
+  hits (100 %), so the stage has no `top5` key.
+
+  Args:
+    predict: images → (top-1 (b,), top-k (b, k)) predicted new labels (`predictions`), with the
+      leading seed axis in a stacked run.
+  """
+  results = batched_apply_seeds(
+    predict, streams, [s.test_indices(t) for s in streams], "test", batch_size, stack
+  )
+  stages = []
+  for stream, ((pred, topk), labels) in zip(streams, results):
+    k_t, s_t = stream.task_range(t)
+    use_top5 = k_t + s_t >= 5 and topk.shape[1] >= 5
+    stages.append(
+      metrics.stage_metrics(pred, labels, stream.task_of_label, t, k_t, topk if use_top5 else None)
+    )
+  return stages
+
+
 def evaluate_stage(
   predict: Callable[[Any], Any],
   stream: TaskStream,
@@ -86,20 +139,5 @@ def evaluate_stage(
   batch_size: int,
   mesh: jax.sharding.Mesh,
 ) -> dict[str, Any]:
-  """Row t of R, A_t, top-5, old/new and task-id accuracy on the test sets of tasks 0..t.
-
-  Top-5 is reported once at least 5 classes have been seen (C_seen ≥ 5, whatever the dataset's
-  class count); before that fewer than 5 logits are finite and a "top-5" would count −inf rows as
-  hits (100 %), so the stage has no `top5` key.
-
-  Args:
-    predict: images → (top-1 (b,), top-k (b, k)) predicted new labels (`predictions`).
-  """
-  (pred, topk), labels = batched_apply(
-    predict, stream, stream.test_indices(t), "test", batch_size, mesh
-  )
-  k_t, s_t = stream.task_range(t)
-  use_top5 = k_t + s_t >= 5 and topk.shape[1] >= 5
-  return metrics.stage_metrics(
-    pred, labels, stream.task_of_label, t, k_t, topk if use_top5 else None
-  )
+  """`evaluate_stages` of one run on the 1-D data mesh."""
+  return evaluate_stages(predict, [stream], t, batch_size, SeedStack.single(mesh))[0]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import difflib
 import logging
+import pathlib
 import sys
 from typing import NoReturn
 
@@ -98,6 +99,7 @@ def main(argv: list[str]) -> int:
 
   import jax
 
+  from ntkcl_jax import config as config_lib
   from ntkcl_jax import report, train
   from ntkcl_jax.checkpoint import CheckpointShapeError
   from ntkcl_jax.models.vit import CheckpointMismatchError
@@ -109,12 +111,14 @@ def main(argv: list[str]) -> int:
       "config.json are written with open()); mount the bucket with gcsfuse and pass the mount "
       'path (README "GPU / TPU").'
     )
-  hooks = []
+  hooks = {}
   try:
     if config.analysis.enabled:
       from analysis.hook import NTKHook
 
-      hooks.append(NTKHook(config))
+      seeds = config_lib.run_seeds(config)
+      watched = seeds if config.analysis.seeds == "all" else seeds[:1]
+      hooks = {s: [NTKHook(config_lib.seed_config(config, s))] for s in watched}
     summary = train.run(config, _WORKDIR.value, hooks)
   except (
     ValueError,
@@ -127,13 +131,21 @@ def main(argv: list[str]) -> int:
     print(f"error: {e}", file=sys.stderr)
     return 2
   if jax.process_index() == 0:
-    report.write_plots(summary, _WORKDIR.value)
-    if config.analysis.enabled:
-      from analysis import plots
+    workdir = pathlib.Path(_WORKDIR.value)
+    stacked = "summaries" in summary  # config.seeds: one output directory per seed
+    runs = (
+      [(workdir / f"seed_{s}", sm) for s, sm in zip(summary["seeds"], summary["summaries"])]
+      if stacked
+      else [(workdir, summary)]
+    )
+    for out_dir, seed_summary in runs:
+      report.write_plots(seed_summary, out_dir)
+      if config.analysis.enabled and (out_dir / "analysis").is_dir():
+        from analysis import plots
 
-      plots.write_all(_WORKDIR.value)
-    print(report.results_table(summary))
-    print(f"wall time {summary['wall_time_s']:.1f} s; summary: {_WORKDIR.value}/summary.json")
+        plots.write_all(out_dir)
+    print(summary["results_md"] if stacked else report.results_table(summary))
+    print(f"wall time {summary['wall_time_s']:.1f} s; summary: {workdir}/summary.json")
   return 0
 
 

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
+from collections.abc import Sequence
 from typing import Any
 
+import jax
 import ml_collections
 import numpy as np
 
@@ -21,11 +23,21 @@ from ntkcl_jax.data import TaskStream, cap_per_class, class_order, make_source
 from ntkcl_jax.models.ntkcl import ModelSpec, init_params
 from ntkcl_jax.models.vit import load_augreg
 
-__all__ = ["RunState", "build_stream", "initial_params", "load_run", "num_tasks"]
+__all__ = [
+  "RunState",
+  "build_stream",
+  "build_streams",
+  "initial_params",
+  "load_run",
+  "num_tasks",
+]
 
 
-def build_stream(config: ml_collections.ConfigDict) -> TaskStream:
-  """Sources, class order (SPEC 2.7) and transforms for `config.data`."""
+def build_streams(config: ml_collections.ConfigDict, seeds: Sequence[int]) -> list[TaskStream]:
+  """One task stream per seed over the same sources: each seed's class order (SPEC 2.7).
+
+  The sources of `config.data` are read once; the streams differ only in class order.
+  """
   d = config.data
   data_dir = d.data_dir or None
   train = cap_per_class(make_source(d.name, "train", data_dir), d.max_train_per_class)
@@ -34,17 +46,25 @@ def build_stream(config: ml_collections.ConfigDict) -> TaskStream:
     raise ValueError(
       f"data.num_classes={d.num_classes} but dataset '{d.name}' has {train.num_classes} classes."
     )
-  return TaskStream(
-    train,
-    test,
-    order=class_order(config.seed, d.num_classes),
-    init_cls=d.num_classes if config.method == "joint" else d.init_cls,
-    increment=d.increment,
-    image_size=config.backbone.image_size,
-    resize_size=d.resize_size,
-    crop_scale=(d.crop_scale_min, 1.0),
-    value_range=d.value_range,
-  )
+  return [
+    TaskStream(
+      train,
+      test,
+      order=class_order(seed, d.num_classes),
+      init_cls=d.num_classes if config.method == "joint" else d.init_cls,
+      increment=d.increment,
+      image_size=config.backbone.image_size,
+      resize_size=d.resize_size,
+      crop_scale=(d.crop_scale_min, 1.0),
+      value_range=d.value_range,
+    )
+    for seed in seeds
+  ]
+
+
+def build_stream(config: ml_collections.ConfigDict) -> TaskStream:
+  """Sources, class order (SPEC 2.7) and transforms for `config.data` and `config.seed`."""
+  return build_streams(config, (config.seed,))[0]
 
 
 def num_tasks(config: ml_collections.ConfigDict, stream: TaskStream) -> int:
@@ -54,16 +74,26 @@ def num_tasks(config: ml_collections.ConfigDict, stream: TaskStream) -> int:
   return min(config.train.max_tasks, stream.num_tasks)
 
 
-def initial_params(config: ml_collections.ConfigDict, spec: ModelSpec) -> dict[str, Any]:
+def initial_params(
+  config: ml_collections.ConfigDict,
+  spec: ModelSpec,
+  *,
+  seed: int | None = None,
+  backbone: dict[str, Any] | None = None,
+) -> dict[str, Any]:
   """The run's parameters at init: AugReg backbone (or random if no path) and the PEFT init.
 
+  Args:
+    seed: the run's seed (default `config.seed`); the init key is `config.init_key(seed)`.
+    backbone: already loaded AugReg parameters (`load_augreg`) to reuse instead of reading
+      `backbone.checkpoint_path` again (stacked seeds share one copy).
   Without `backbone.checkpoint_path` the backbone is random (from the same init key), which the
   trainer logs as a warning.
   """
-  backbone = None
-  if config.backbone.checkpoint_path:
+  if backbone is None and config.backbone.checkpoint_path:
     backbone = load_augreg(config.backbone.checkpoint_path, spec.vit)
-  return init_params(spec, config_lib.init_key(config.seed), backbone)
+  seed = config.seed if seed is None else seed
+  return init_params(spec, config_lib.init_key(seed), backbone)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,16 +138,22 @@ def accuracy_matrix(stages: list[dict[str, Any]], num_tasks: int) -> np.ndarray:
 
 
 def load_run(
-  config: ml_collections.ConfigDict, workdir: str | pathlib.Path, number: int | None = None
+  config: ml_collections.ConfigDict,
+  workdir: str | pathlib.Path,
+  number: int | None = None,
+  *,
+  seed: int | None = None,
 ) -> RunState:
   """Restores checkpoint `number` (default: the latest) of the run of `config` in `workdir`.
 
   Only `method="ntkcl"` runs: the baselines train other parameter trees (a linear head, no
-  fusion) or predict from other features (SimpleCIL's plain ViT CLS token).
+  fusion) or predict from other features (SimpleCIL's plain ViT CLS token). A stacked run's
+  workdir (`config.seeds`) holds several runs: `seed` picks one (default: the first), and the
+  returned `config` is that seed's single-run config (`config.seed_config`).
 
   Raises:
     FileNotFoundError: the workdir has no checkpoint.
-    ValueError: `config.method` is not "ntkcl".
+    ValueError: `config.method` is not "ntkcl", or `seed` is not one of `config.seeds`.
   """
   import orbax.checkpoint as ocp
 
@@ -141,6 +177,16 @@ def load_run(
     ckpts.close()
   state, meta = restored["state"], restored["meta"]
   progress = meta["progress"]
+  stages = progress.get("stages")
+  if config.seeds:  # a stacked run: seed i's slice of every array, its own stages
+    seeds = config_lib.run_seeds(config)
+    seed = seeds[0] if seed is None else int(seed)
+    if seed not in seeds:
+      raise ValueError(f"seed={seed} is not one of this stacked run's seeds {list(seeds)}.")
+    i = seeds.index(seed)
+    state = jax.tree_util.tree_map(lambda x: np.asarray(x)[i], state)
+    stages = progress["seeds"][i]["stages"]
+    config = config_lib.seed_config(config, seed)
   stream = build_stream(config)
   total = num_tasks(config, stream)
   init = initial_params(config, spec)
@@ -165,6 +211,6 @@ def load_run(
     tasks_done=done,
     in_task=bool(progress["in_task"]),
     num_seen=sum(stream.task_range(t)[1] for t in range(done)),
-    accuracy_matrix=accuracy_matrix(progress["stages"], total),
+    accuracy_matrix=accuracy_matrix(stages, total),
     meta=meta,
   )

@@ -227,10 +227,15 @@ def seed_batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
 
 
 def put_stacked(tree: Any, mesh: jax.sharding.Mesh) -> Any:
-  """Stacked arrays (leading axis K, the whole stack on every process) → sharded `P("seed")`."""
+  """Stacked arrays (leading axis K, the whole stack on every process) → sharded `P("seed")`.
+
+  Always fresh buffers (through host memory, as `sharding.put_replicated`): two leaves that were
+  the same array (e.g. the reg snapshot and the parameters it copies) must not share a buffer, or
+  donating one to the step would invalidate the other.
+  """
   sharding = stacked_sharding(mesh)
   if jax.process_count() == 1:
-    return jax.device_put(tree, sharding)
+    return jax.tree_util.tree_map(lambda x: jax.device_put(np.asarray(x), sharding), tree)
 
   def put(x):
     x = np.asarray(x)
@@ -382,22 +387,33 @@ def eval_fn_in_axes(*, shared_backbone: bool = True) -> tuple[Any, ...]:
 
 
 def skip_empty_batches(
-  step_fn: Callable[..., tuple[Any, dict[str, jax.Array]]], batch_argnum: int = 3
-) -> Callable[..., tuple[Any, dict[str, jax.Array]]]:
-  """A step that leaves the state (argument 0) unchanged when its batch has no valid row.
+  step_fn: Callable[..., tuple[Any, ...]], batch_argnum: int = 3, num_carried: int = 1
+) -> Callable[..., tuple[Any, ...]]:
+  """A step that leaves its carried state unchanged when its batch has no valid row.
 
   Seeds whose task has fewer steps in an epoch (class orders differ, so n_t can differ) get
   all-padding batches from `zip_seed_batches` while the others finish; without this wrapper SGD's
-  momentum and weight decay would still move them. The terms gain `"active"` (bool): False on a
-  skipped step, whose other terms are meaningless and must not be logged or checked.
+  momentum and weight decay would still move them.
+
+  Args:
+    step_fn: returns `(*carried, terms)`, where `carried[j]` is the new value of argument j
+      (`make_train_step`: `(state, terms)`; `make_loop_step`: `(state, health, terms)`).
+    batch_argnum: position of the batch (a dict with "mask").
+    num_carried: how many leading arguments / outputs are carried state.
+  Returns:
+    The same signature; the terms gain `"active"` (bool): False on a skipped step, whose other
+    terms are meaningless and must not be logged or checked.
   """
 
   def step(*args):
-    state, batch = args[0], args[batch_argnum]
-    new_state, terms = step_fn(*args)
-    active = jnp.any(batch["mask"])
-    new_state = jax.tree_util.tree_map(lambda n, o: jnp.where(active, n, o), new_state, state)
-    return new_state, {**terms, "active": active}
+    *carried, terms = step_fn(*args)
+    if len(carried) != num_carried:
+      raise ValueError(f"step returned {len(carried)} carried values, expected {num_carried}.")
+    active = jnp.any(args[batch_argnum]["mask"])
+    kept = jax.tree_util.tree_map(
+      lambda n, o: jnp.where(active, n, o), tuple(carried), tuple(args[:num_carried])
+    )
+    return (*kept, {**terms, "active": active})
 
   return step
 
@@ -416,24 +432,35 @@ def _padding_like(batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 def zip_seed_batches(
   iterators: Sequence[Iterable[Mapping[str, np.ndarray]]],
+  length: int | None = None,
+  template: Mapping[str, np.ndarray] | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
   """K per-seed batch iterators (e.g. each seed's `TaskStream.train_batches`) → (K, B, ...) batches.
 
   Entry i of every yielded array comes from `iterators[i]`. Iterators may have different lengths:
   one that has ended contributes an all-padding batch (mask False, see `skip_empty_batches`) until
-  the longest ends. Every batch must have the same keys, shapes and dtypes across seeds.
+  the longest ends, or until `length` batches were yielded (then every process of a multi-process
+  run yields the same number, whatever its own seeds hold; `template`, a batch of the right
+  layout, is needed when all of this process's iterators may be empty). Every batch must have the
+  same keys, shapes and dtypes across seeds.
   """
   its = [iter(x) for x in iterators]
   done = [False] * len(its)
-  while True:
+  count = 0
+  while length is None or count < length:
     got = []
     for i, it in enumerate(its):
       b = None if done[i] else next(it, None)
       done[i] = b is None
       got.append(b)
-    if all(done):
+    if all(done) and length is None:
       return
-    template = next(b for b in got if b is not None)
+    real = [b for b in got if b is not None]
+    if real:
+      template = real[0]
+    elif template is None:
+      raise ValueError(f"zip_seed_batches: every iterator ended after {count} of {length} batches.")
+    count += 1
     for i, b in enumerate(got):
       if b is not None and (
         set(b) != set(template)
