@@ -15,12 +15,66 @@ import orbax.checkpoint as ocp
 
 
 class CheckpointShapeError(ValueError):
-  """A checkpoint's array shapes differ from the configured model's."""
+  """A checkpoint's array shapes or tree structure differ from the configured model's.
+
+  Raised by `RunCheckpoints.restore` before anything is read into memory or written: the workdir
+  is left as it was. `mismatches` holds one `(leaf path, stored shape, expected shape)` per leaf
+  that differs, `None` standing for "absent" on that side (empty when orbax itself refused the
+  tree; its message is then quoted).
+  """
+
+  def __init__(
+    self,
+    message: str,
+    mismatches: tuple[tuple[str, tuple[int, ...] | None, tuple[int, ...] | None], ...] = (),
+  ):
+    super().__init__(message)
+    self.mismatches = mismatches
+
+
+# At most this many leaves are listed in the message (all of them are in `.mismatches`).
+_MAX_LISTED = 25
+_HOW_TO_FIX = (
+  "Nothing in the workdir was changed. The checkpoint was written by a run with another model "
+  "layout: another config (model, method, backbone, data.num_classes/init_cls/increment, "
+  "ridge head), or an older ntkcl-jax (e.g. a run truncated by train.max_tasks before prototype "
+  "rows and the proxy-head width came from the whole task sequence). Either start over in a new "
+  "--workdir, or rerun with the config (and ntkcl-jax version) that wrote it."
+)
 
 
 def _leaf_paths(tree: Any) -> dict[str, Any]:
   flat, _ = jax.tree_util.tree_flatten_with_path(tree)
   return {jax.tree_util.keystr(path, simple=True, separator="/"): leaf for path, leaf in flat}
+
+
+def _shape(leaf: Any) -> tuple[int, ...] | None:
+  """A stored leaf's shape from its orbax metadata (None if it records none)."""
+  shape = getattr(leaf, "shape", None)
+  return None if shape is None else tuple(shape)
+
+
+def _describe(have: tuple[int, ...] | None, want: tuple[int, ...] | None) -> str:
+  if have is None:
+    return f"not in the checkpoint, expected {want}"
+  if want is None:
+    return f"stored {have}, not in the configured model"
+  return f"stored {have}, expected {want}"
+
+
+def _mismatch_message(
+  where: pathlib.Path,
+  mismatches: list[tuple[str, tuple[int, ...] | None, tuple[int, ...] | None]],
+) -> str:
+  lines = [f"  {path}: {_describe(have, want)}" for path, have, want in mismatches[:_MAX_LISTED]]
+  if len(mismatches) > _MAX_LISTED:
+    lines.append(f"  ... and {len(mismatches) - _MAX_LISTED} more leaves")
+  return (
+    f"Checkpoint {where} does not match the configured model: {len(mismatches)} leaf "
+    f"path(s) differ (stored in the checkpoint vs expected by the model):\n"
+    + "\n".join(lines)
+    + f"\n{_HOW_TO_FIX}"
+  )
 
 
 class RunCheckpoints:
@@ -60,31 +114,49 @@ class RunCheckpoints:
   def restore(self, number: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
     """Restores into the layout, dtypes and shardings of `abstract_state`.
 
+    Every leaf is checked against the checkpoint's metadata first: nothing is read or written
+    unless all paths and shapes agree.
+
     Raises:
-      CheckpointShapeError: naming the first leaf whose shape (or presence) differs.
+      CheckpointShapeError: naming every leaf whose shape differs, that the checkpoint lacks or
+        that the model lacks (stored vs expected shapes), and how to fix it.
     """
-    stored = _leaf_paths(self.manager.item_metadata(number)["state"])
-    wanted = _leaf_paths(abstract_state)
-    for path, leaf in wanted.items():
-      if path not in stored:
-        raise CheckpointShapeError(
-          f"Checkpoint {self.directory / str(number)} has no leaf '{path}'; it was written by a "
-          "run with another model or method. Use a fresh --workdir."
-        )
-      if tuple(stored[path].shape) != tuple(leaf.shape):
-        raise CheckpointShapeError(
-          f"Leaf '{path}' is {tuple(stored[path].shape)} in checkpoint "
-          f"{self.directory / str(number)} but {tuple(leaf.shape)} in the model; the checkpoint "
-          "comes from a different model size or task layout. Use a fresh --workdir or the "
-          "matching config."
-        )
-    out = self.manager.restore(
-      number,
-      args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()
-      ),
-    )
+    where = self.directory / str(number)
+    mismatches = self._mismatches(number, abstract_state)
+    if mismatches:
+      raise CheckpointShapeError(_mismatch_message(where, mismatches), tuple(mismatches))
+    try:
+      out = self.manager.restore(
+        number,
+        args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()
+        ),
+      )
+    except ValueError as e:  # any structure orbax refuses that the metadata check did not see
+      raise CheckpointShapeError(
+        f"Checkpoint {where} does not restore into the configured model: {e}\n{_HOW_TO_FIX}"
+      ) from e
     return out["state"], out["meta"]
+
+  def _mismatches(
+    self, number: int, abstract_state: Any
+  ) -> list[tuple[str, tuple[int, ...] | None, tuple[int, ...] | None]]:
+    """(path, stored shape, expected shape) of every leaf that differs; None = absent."""
+    metadata = self.manager.item_metadata(number)
+    state = metadata.get("state") if metadata is not None else None
+    wanted = {p: tuple(x.shape) for p, x in _leaf_paths(abstract_state).items()}
+    if state is None:  # no state item at all: every expected leaf is missing
+      return [(p, None, shape) for p, shape in wanted.items()]
+    stored = {p: _shape(x) for p, x in _leaf_paths(state).items()}
+    out = []
+    for path in sorted(set(wanted) | set(stored)):
+      if path not in stored:
+        out.append((path, None, wanted[path]))
+      elif path not in wanted:
+        out.append((path, stored[path] or (), None))
+      elif stored[path] is not None and stored[path] != wanted[path]:
+        out.append((path, stored[path], wanted[path]))
+    return out
 
   def close(self) -> None:
     self.manager.wait_until_finished()

@@ -3,7 +3,8 @@
 Uses only the project's public functions (`models.ntkcl`, `losses`, `train_step.loss_fn`,
 `optim.make_optimizer`, `ema.ema_update`, `models.heads.section_weighted_logits`,
 `models.vit.load_augreg`) on the case's inputs (`cases.make_inputs`); official parameter names
-come from `mapping.TABLE`. No torch.
+come from `mapping.TABLE`. No torch. `sgd_step` is the training step of both parity runs (this
+one-step case and `trajectory.py`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from experiments.parity import mapping
 from experiments.parity.cases import Case
@@ -44,6 +46,46 @@ def load_backbone(case: Case, arrays: dict[str, np.ndarray]) -> dict[str, Any]:
 
 def _official(tree: dict, names: list[str], prefix: str = "") -> dict[str, np.ndarray]:
   return {n: np.asarray(v, np.float64) for n, v in mapping.project_to_official(tree, names).items()}
+
+
+def sgd_step(
+  trainable: dict,
+  opt_state: Any,
+  frozen: dict,
+  aux: dict,
+  batch: dict,
+  lr: float | jax.Array,
+  *,
+  model: NTKCL,
+  weights: losses.LossWeights,
+  tx: optax.GradientTransformation,
+  batch_size: int,
+  with_outputs: bool = False,
+) -> tuple[dict, dict, dict, Any]:
+  """One training step of the parity runs (this file's one-step case and `trajectory.py`).
+
+  `value_and_grad(train_step.loss_fn)` with dropout off (`deterministic=True`; the key is then
+  unused), the optimiser update `tx` (`optim.make_optimizer`: weight decay + momentum SGD) and
+  θ ← θ − lr·update. Not jitted: callers jit it, alone or inside a larger step.
+
+  Returns:
+    (loss terms, gradients, updated trainables, updated optimiser state).
+  """
+  (_, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+    trainable,
+    frozen,
+    aux,
+    batch,
+    jax.random.key(0),
+    model=model,
+    weights=weights,
+    batch_size=batch_size,
+    deterministic=True,
+    with_outputs=with_outputs,
+  )
+  updates, opt_state = tx.update(grads, opt_state, trainable)
+  after = jax.tree_util.tree_map(lambda p, u: p - lr * u, trainable, updates)
+  return terms, grads, after, opt_state
 
 
 def run(case: Case, inputs: dict, fixture: dict[str, Any], meta: dict) -> dict[str, np.ndarray]:
@@ -80,23 +122,23 @@ def run(case: Case, inputs: dict, fixture: dict[str, Any], meta: dict) -> dict[s
     mi=args["nce_temp"], orth=args["dis_temp"], reg=args["reg_temp"], mi_sign=-1
   )
 
+  tx = make_optimizer(args["weight_decay"])
+
   @jax.jit
   def step(trainable, frozen, aux, batch):
-    (_, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+    terms, grads, after, _ = sgd_step(
       trainable,
+      tx.init(trainable),
       frozen,
       aux,
       batch,
-      jax.random.key(0),
+      args["init_lr"],
       model=model,
       weights=weights,
+      tx=tx,
       batch_size=case.batch,
-      deterministic=True,
       with_outputs=True,
     )
-    tx = make_optimizer(args["weight_decay"])
-    updates, _ = tx.update(grads, tx.init(trainable), trainable)
-    after = jax.tree_util.tree_map(lambda p, u: p - args["init_lr"] * u, trainable, updates)
     ema = ema_update(frozen["peft"]["ema"], after["peft"]["current"], case.task)
     # Eval features: with `deterministic=True` the training forward *is* the eval forward
     # (`NTKCL`'s `train` flag only switches dropout), so the loss's features are reused rather

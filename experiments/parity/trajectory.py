@@ -21,15 +21,17 @@ padded to the batch size with a validity mask. Its L_MI rows (`torch.randperm(n_
 task's orthogonality basis (`torch.linalg.svd`; not unique below 40 classes) are recorded and
 given to ntkcl-jax (`aux["mi_rows"]`, `aux["orth_basis"]`). Patches 4-6 of `official.py` apply.
 
-ntkcl-jax side: the project's public functions in the order of SPEC 2.4 (`loss_fn`,
-`make_optimizer` re-initialised per task, per-epoch cosine lr, `ema_update` after every task but
-the last, class-mean prototypes of the eval feature, `section_weighted_logits` argmax over seen
-classes), not `train.run` (its data stream draws its own order and augmentation).
+ntkcl-jax side: the project's public functions in the order of SPEC 2.4 (`ours.sgd_step`, the
+step `ours.py` also uses: `loss_fn` and `make_optimizer`, re-initialised per task; per-epoch
+cosine lr, `ema_update` after every task but the last, class-mean prototypes of the eval feature,
+`section_weighted_logits` argmax over seen classes), not `train.run` (its data stream draws its
+own order and augmentation).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import sys
@@ -198,12 +200,13 @@ def run_ours(spec, data, params, proxies, off_res, epochs):
   import jax
   import jax.numpy as jnp
 
+  from experiments.parity.ours import sgd_step
   from ntkcl_jax import losses
   from ntkcl_jax.ema import ema_update
   from ntkcl_jax.models.heads import section_weighted_logits
   from ntkcl_jax.models.ntkcl import NTKCL
   from ntkcl_jax.optim import make_optimizer
-  from ntkcl_jax.train_step import TaskInfo, loss_fn, make_feature_fn
+  from ntkcl_jax.train_step import TaskInfo, make_feature_fn
 
   model = NTKCL(spec)
   weights = losses.LossWeights(mi=NCE, mi_sign=-1, orth=1e-4, reg=1e-3)
@@ -211,21 +214,7 @@ def run_ours(spec, data, params, proxies, off_res, epochs):
   xtr, ytr = data["train"]
   xte, yte = data["test"]
 
-  @jax.jit
-  def step(trainable, opt_state, frozen, aux, batch, lr):
-    (_, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-      trainable,
-      frozen,
-      aux,
-      batch,
-      jax.random.key(0),
-      model=model,
-      weights=weights,
-      batch_size=BATCH,
-      deterministic=True,
-    )
-    updates, opt_state = tx.update(grads, opt_state, trainable)
-    return jax.tree_util.tree_map(lambda p, u: p - lr * u, trainable, updates), opt_state, terms
+  step = jax.jit(functools.partial(sgd_step, model=model, weights=weights, tx=tx, batch_size=BATCH))
 
   feat = jax.jit(make_feature_fn(model))
   backbone = jax.tree_util.tree_map(jnp.asarray, params["backbone"])
@@ -271,7 +260,7 @@ def run_ours(spec, data, params, proxies, off_res, epochs):
           "label": jnp.asarray(np.concatenate([ytr[idx], np.full(pad, k)]), jnp.int32),
           "mask": jnp.asarray(np.arange(BATCH) < len(idx)),
         }
-        trainable, opt_state, _ = step(
+        _, _, trainable, opt_state = step(
           trainable, opt_state, frozen, {**aux, "mi_rows": jnp.asarray(rows)}, batch, lr
         )
     cur, fusion = trainable["peft"]["current"], trainable["fusion"]
