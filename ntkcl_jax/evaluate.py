@@ -102,18 +102,24 @@ def make_predict_fn(
   return predict
 
 
+# SPEC 3: the reference logs no top-5 on these benchmarks.
+NO_TOP5_DATASETS = ("eurosat", "plantvillage", "kvasir")
+
+
 def evaluate_stages(
   predict: Callable[[Any], Any],
   streams: Sequence[TaskStream],
   t: int,
   batch_size: int,
   stack: SeedStack,
+  top5: bool = True,
 ) -> list[dict[str, Any]]:
   """Per seed: row t of R, A_t, top-5, old/new and task-id accuracy on the test sets of tasks 0..t.
 
   Top-5 is reported once at least 5 classes have been seen (C_seen ≥ 5, whatever the dataset's
   class count); before that fewer than 5 logits are finite and a "top-5" would count −inf rows as
-  hits (100 %), so the stage has no `top5` key.
+  hits (100 %), so the stage has no `top5` key. `top5=False` never reports it (the datasets of
+  `NO_TOP5_DATASETS`, SPEC 3).
 
   Args:
     predict: images → (top-1 (b,), top-k (b, k)) predicted new labels (`predictions`), with the
@@ -125,7 +131,7 @@ def evaluate_stages(
   stages = []
   for stream, ((pred, topk), labels) in zip(streams, results):
     k_t, s_t = stream.task_range(t)
-    use_top5 = k_t + s_t >= 5 and topk.shape[1] >= 5
+    use_top5 = top5 and k_t + s_t >= 5 and topk.shape[1] >= 5
     stages.append(
       metrics.stage_metrics(pred, labels, stream.task_of_label, t, k_t, topk if use_top5 else None)
     )

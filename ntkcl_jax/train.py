@@ -42,7 +42,12 @@ from ntkcl_jax.checkpoint import RunCheckpoints
 from ntkcl_jax.data.prefetch import prefetch
 from ntkcl_jax.data.sources import check_membership, membership
 from ntkcl_jax.ema import ema_update
-from ntkcl_jax.evaluate import batched_apply_seeds, evaluate_stages, make_predict_fn
+from ntkcl_jax.evaluate import (
+  NO_TOP5_DATASETS,
+  batched_apply_seeds,
+  evaluate_stages,
+  make_predict_fn,
+)
 from ntkcl_jax.hooks import TaskHook, TaskView
 from ntkcl_jax.models.ntkcl import NTKCL
 from ntkcl_jax.models.vit import VisionTransformer, load_augreg
@@ -601,7 +606,8 @@ def run(
       stats, w_out, ridge_info = ridge.end_of_task(state, feats, labels, k_t + s_t, t)
       state.update(stack.put(stats))
       predict_t = functools.partial(ridge_predict, params_eval, jnp.asarray(w_out), k_t + s_t)
-    stages = evaluate_stages(predict_t, streams, t, eval_batch, stack)
+    top5 = config.data.name not in NO_TOP5_DATASETS
+    stages = evaluate_stages(predict_t, streams, t, eval_batch, stack, top5)
     for seed, seed_log, writer, stage in zip(seeds, logs, writers, stages):
       if ridge is not None:
         stage.update(ridge_info)

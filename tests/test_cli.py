@@ -192,6 +192,18 @@ BAD_INPUTS = {
     [*tc.cli_flags(), "--workdir=gs://bucket/run"],
     ["--workdir=gs://bucket/run", "gcsfuse"],
   ),
+  "repeated_seeds": (
+    [*tc.cli_flags(), "--config.seeds=0,1,1"],
+    ["--config.seeds='0,1,1'", "[1] repeated"],
+  ),
+  "stacked_ridge_head": (
+    [*tc.cli_flags(), "--config.seeds=0,1", "--config.eval.head=ridge"],
+    ["closed-form ridge head runs one seed per process", "--config.seed=0"],
+  ),
+  "stacked_layout": (  # 3 seeds on 8 devices: 1 x 8, and a batch of 12 does not split over 8
+    [*tc.cli_flags(train__batch_size=12), "--config.seeds=0,1,2"],
+    ["8 devices, 3 seeds", "train.batch_size=12 is not a multiple of 8", "Valid layouts"],
+  ),
 }
 
 

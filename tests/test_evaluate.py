@@ -7,6 +7,7 @@ from ntkcl_jax import evaluate, sharding
 from ntkcl_jax.data.class_order import class_order
 from ntkcl_jax.data.stream import TaskStream
 from ntkcl_jax.models.heads import section_weighted_logits
+from ntkcl_jax.seed_stack import SeedStack
 from tests.data.test_stream import NUM_CLASSES, _source
 
 
@@ -48,3 +49,10 @@ def test_top5_only_once_five_classes_are_seen():
   assert seen == [False, False, True]  # 2, 4, 6 classes seen
   labels = stream.labels("test")[stream.test_indices(2)]
   np.testing.assert_allclose(stage["top5"], 100.0 * np.mean(labels < 5))
+  # SPEC 3: no top-5 at all on EuroSAT, PlantVillage, Kvasir (the trainer passes top5=False)
+  stacked = SeedStack.single(mesh)
+  (stage,) = evaluate.evaluate_stages(predict, [stream], 2, 8, stacked, top5=False)
+  assert (
+    "top5" not in stage and stage["A"] == evaluate.evaluate_stage(predict, stream, 2, 8, mesh)["A"]
+  )
+  assert evaluate.NO_TOP5_DATASETS == ("eurosat", "plantvillage", "kvasir")

@@ -1,0 +1,219 @@
+"""Stacked seeds through the trainer (`--config.seeds`): equal to the single runs, outputs, resume.
+
+The single runs and the stacked run are the tiny config of `tiny_configs` (two tasks of two steps,
+a checkpoint after every step) in one subprocess on one CPU device, where the stacked seeds must
+be bit-identical to their single runs (on 8 devices a single run splits its batch 8 ways and a
+stacked seed 4 ways, so float sums differ in rounding). The hook test runs in this process and the
+resume test runs the CLI, both on 8 simulated devices: two seeds as a 2 (seed) x 4 (data) mesh.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from ntkcl_jax import config as config_lib
+from ntkcl_jax import report, run_state, train
+from tests import tiny_configs as tc
+
+SEEDS = (0, 1)
+
+
+class RecordingHook:
+  """Keeps what the trainer shows a hook (prototypes, params, workdir) per call."""
+
+  def __init__(self):
+    self.views = []
+
+  def on_init(self, view):
+    self.views.append(view)
+
+  def on_task_end(self, view):
+    self.views.append(view)
+
+  def summary(self):
+    return {"recorded": len(self.views)}
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> pathlib.Path:
+  return tc.compile_cache_dir(tmp_path_factory)
+
+
+ONE_DEVICE_RUNS = """
+import pathlib, sys
+from ntkcl_jax import train
+from tests import tiny_configs as tc
+out = pathlib.Path(sys.argv[1])
+for seed in (0, 1):
+  train.run(tc.tiny_config(seed=seed), out / f"single_{seed}")
+train.run(tc.tiny_config(seeds="0,1"), out / "stacked")
+"""
+
+
+@pytest.fixture(scope="module")
+def one_device(tmp_path_factory, cache) -> pathlib.Path:
+  """Workdirs `single_0`, `single_1` and `stacked` (seeds 0,1), all on one CPU device."""
+  out = tmp_path_factory.mktemp("one_device")
+  r = subprocess.run(
+    [sys.executable, "-c", ONE_DEVICE_RUNS, str(out)],
+    cwd=tc.REPO,
+    env=tc.subprocess_env(1, cache),
+    capture_output=True,
+    text=True,
+    timeout=1200,
+  )
+  assert r.returncode == 0, r.stderr[-4000:]
+  return out
+
+
+@pytest.fixture(scope="module")
+def single_runs(one_device) -> dict[int, pathlib.Path]:
+  return {seed: one_device / f"single_{seed}" for seed in SEEDS}
+
+
+@pytest.fixture(scope="module")
+def stacked_run(one_device) -> pathlib.Path:
+  return one_device / "stacked"
+
+
+def test_stacked_seeds_equal_their_single_runs(single_runs, stacked_run):
+  workdir = stacked_run
+  for seed in SEEDS:
+    want = json.loads((single_runs[seed] / "summary.json").read_text())
+    got = json.loads((workdir / f"seed_{seed}" / "summary.json").read_text())
+    assert got.pop("stacked_seeds") == list(SEEDS)
+    assert got["config"] == config_lib.flat_config(tc.tiny_config(seed=seed))
+    assert got["accuracy_matrix"] == want["accuracy_matrix"]
+    assert tc.without_timing(got) == tc.without_timing(want)
+    # every train line (losses, lr) and eval line identical: the vmapped step is the single step
+    want_lines = [tc.without_timing(x) for x in tc.read_jsonl(single_runs[seed] / "metrics.jsonl")]
+    got_lines = [
+      tc.without_timing(x) for x in tc.read_jsonl(workdir / f"seed_{seed}" / "metrics.jsonl")
+    ]
+    assert got_lines == want_lines
+
+
+def test_stacked_run_writes_seed_tables_and_per_seed_checkpoint_meta(stacked_run):
+  workdir = stacked_run
+  summaries = [json.loads((workdir / f"seed_{s}" / "summary.json").read_text()) for s in SEEDS]
+  row = report.seed_row("ntkcl", summaries)
+  csv_lines = (workdir / "results.csv").read_text().splitlines()
+  assert csv_lines[0].split(",") == list(report.SEED_COLUMNS)
+  assert csv_lines[1].split(",") == [row[0], *(f"{v:.4f}" for v in row[1:])]
+  md = (workdir / "results.md").read_text()
+  assert md.startswith("Seeds [0, 1]; mean ± std (ddof 0)")
+  assert f"| ntkcl | {row[1]:.2f} ± {row[2]:.2f} |" in md
+  top = json.loads((workdir / "summary.json").read_text())
+  assert top["seeds"] == list(SEEDS) and top["mesh"] == {"seed": 1, "data": 1}
+  assert top["per_seed"]["1"]["avg_acc"] == summaries[1]["avg_acc"]
+  assert top["results"]["last_acc_std"] == pytest.approx(np.std([s["last_acc"] for s in summaries]))
+
+  state, meta = tc.read_checkpoint(workdir)
+  assert [e["seed"] for e in meta["progress"]["seeds"]] == list(SEEDS)
+  rows = [[st["R_row"] for st in e["stages"]] for e in meta["progress"]["seeds"]]
+  assert rows == [[st["R_row"] for st in s["stages"]] for s in summaries]
+  assert meta["class_orders"]["1"] != meta["class_orders"]["0"]
+  assert state["prototypes"].shape[0] == len(SEEDS)  # every per-run array has the seed axis
+
+
+def test_load_run_picks_a_seed_of_a_stacked_run(single_runs, stacked_run):
+  single = run_state.load_run(tc.tiny_config(seed=1), single_runs[1])
+  stacked = run_state.load_run(tc.tiny_config(seeds="0,1"), stacked_run, seed=1)
+  assert stacked.config.seed == 1 and not stacked.config.seeds
+  np.testing.assert_array_equal(stacked.prototypes, single.prototypes)
+  np.testing.assert_array_equal(stacked.accuracy_matrix, single.accuracy_matrix)
+  leaves = [jax.tree_util.tree_leaves(r.params) for r in (stacked, single)]
+  assert len(leaves[0]) == len(leaves[1])
+  for a, b in zip(*leaves):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  with pytest.raises(ValueError, match="seed=5 is not one of this stacked run's seeds"):
+    run_state.load_run(tc.tiny_config(seeds="0,1"), stacked_run, seed=5)
+
+
+@pytest.fixture(scope="module")
+def eight_devices(tmp_path_factory, cache) -> tuple[pathlib.Path, dict, RecordingHook]:
+  """Seeds 0,1 in this process on 8 devices (2 x 4 mesh), a recording hook on seed 1."""
+  workdir = tmp_path_factory.mktemp("eight_devices")
+  hook = RecordingHook()
+  with tc.compilation_cache(cache):
+    result = train.run(tc.tiny_config(seeds="0,1"), workdir, {1: [hook]})
+  return workdir, result, hook
+
+
+def test_hooks_watch_the_seeds_they_are_given(eight_devices, tmp_path):
+  """A hook of seed 1 sees seed 1's model, stream and directory; seed 0 has none."""
+  workdir, result, hook = eight_devices
+  config = tc.tiny_config(seeds="0,1")
+  assert result["mesh"] == {"seed": 2, "data": 4}
+  assert [v.task for v in hook.views] == [-1, 0, 1]
+  assert {v.workdir for v in hook.views} == {workdir / "seed_1"}
+  want_order = run_state.build_stream(tc.tiny_config(seed=1)).order.tolist()
+  assert hook.views[-1].stream.order.tolist() == want_order
+  final = run_state.load_run(config, workdir, seed=1)
+  np.testing.assert_array_equal(hook.views[-1].prototypes, final.prototypes)
+  assert json.loads((workdir / "seed_1" / "summary.json").read_text())["recorded"] == 3
+  assert "recorded" not in json.loads((workdir / "seed_0" / "summary.json").read_text())
+  with pytest.raises(ValueError, match=r"hooks for seeds \[7\]"):
+    train.run(config, tmp_path / "other", {7: [RecordingHook()]})
+
+
+def test_stacked_run_resumes_after_sigkill_on_a_seed_by_data_mesh(eight_devices, cache, tmp_path):
+  """The CLI, 2 seeds on 8 devices (2 x 4), killed mid-task 0 and rerun: every seed's outputs
+  equal those of the uninterrupted run (`eight_devices`)."""
+  reference = eight_devices[0]
+  flags = [*tc.cli_flags(), "--config.seeds=0,1"]
+  workdir = tmp_path / "run"
+  with open(tmp_path / "killed.err", "w") as err:
+    proc = subprocess.Popen(
+      tc.cli_command(workdir, *flags),
+      cwd=tc.REPO,
+      env=tc.subprocess_env(8, cache),
+      stdout=subprocess.DEVNULL,
+      stderr=err,
+    )
+    deadline = time.monotonic() + 600
+    try:
+      while not tc.checkpoint_numbers(workdir):  # the first (mid-task 0) checkpoint
+        assert proc.poll() is None, (tmp_path / "killed.err").read_text()[-3000:]
+        assert time.monotonic() < deadline, "no checkpoint within 600 s"
+        time.sleep(0.02)
+      os.kill(proc.pid, signal.SIGKILL)
+    finally:
+      proc.kill()
+      proc.wait()
+  assert proc.returncode == -signal.SIGKILL
+  _, meta = tc.read_checkpoint(workdir, max(tc.checkpoint_numbers(workdir)))
+  assert meta["progress"]["in_task"], f"killed too late: {meta['progress']}"
+
+  r = tc.run_cli(workdir, *flags, cache_dir=cache)
+  assert r.returncode == 0, r.stderr[-4000:]
+  assert "Resuming from checkpoint" in r.stderr
+  assert "2 seeds [0, 1] stacked on a {'seed': 2, 'data': 4} mesh" in r.stderr
+  assert "| ntkcl |" in r.stdout  # results.md
+  for seed in SEEDS:
+    for name in ("summary.json", "metrics.jsonl"):
+      assert (workdir / f"seed_{seed}" / name).is_file()
+    want = json.loads((reference / f"seed_{seed}" / "summary.json").read_text())
+    want.pop("recorded", None)  # the reference run's recording hook
+    got = json.loads((workdir / f"seed_{seed}" / "summary.json").read_text())
+    assert tc.without_timing(got) == tc.without_timing(want)
+    want_lines = [
+      tc.without_timing(x) for x in tc.read_jsonl(reference / f"seed_{seed}" / "metrics.jsonl")
+    ]
+    got_lines = [
+      tc.without_timing(x) for x in tc.read_jsonl(workdir / f"seed_{seed}" / "metrics.jsonl")
+    ]
+    assert got_lines == want_lines
+    for png in ("accuracy_matrix.png", "accuracy_per_task.png"):
+      assert (workdir / f"seed_{seed}" / png).is_file()
+  assert (workdir / "results.md").read_text() == (reference / "results.md").read_text()
