@@ -345,7 +345,12 @@ class NTKHook:
 
 
 def measure_checkpoint(
-  config, workdir: str | pathlib.Path, *, number: int | None = None, out_dir=None
+  config,
+  workdir: str | pathlib.Path,
+  *,
+  number: int | None = None,
+  out_dir=None,
+  seed: int | None = None,
 ) -> dict[str, Any]:
   """Measures a run's init model and its checkpoint `number` (default: latest) (SPEC 7.8).
 
@@ -354,7 +359,8 @@ def measure_checkpoint(
   the probes of `config.analysis`. Files go to `out_dir` (default `workdir/analysis_ckpt`) as points
   "init" and "task_end_<t>" (t = the last finished task; a mid-task checkpoint is named
   "checkpoint_<number>" and uses the prototypes of the tasks finished before it), so
-  `analysis.plots.write_all(out_dir)` works.
+  `analysis.plots.write_all(out_dir)` works. A stacked run's workdir (`config.seeds`) is measured
+  for `seed` (default: its first seed; default `out_dir` then `workdir/seed_<s>/analysis_ckpt`).
 
   Returns:
     `analyze(...)` of the two points, with the measured R of the checkpoint's finished tasks.
@@ -365,7 +371,7 @@ def measure_checkpoint(
 
   settings = NTKSettings.from_config(config)
   workdir = pathlib.Path(workdir)
-  run = load_run(config, workdir, number)
+  run = load_run(config, workdir, number, seed=seed)
   last = run.tasks_done - 1
   name = f"task_end_{last}" if not run.in_task and last >= 0 else f"checkpoint_{run.number}"
   probes = build_probes(
@@ -376,7 +382,8 @@ def measure_checkpoint(
     settings.seed,
     settings.eval_batch_size,
   )
-  out = pathlib.Path(out_dir) if out_dir is not None else workdir / "analysis_ckpt"
+  run_dir = workdir / f"seed_{run.config.seed}" if config.seeds else workdir
+  out = pathlib.Path(out_dir) if out_dir is not None else run_dir / "analysis_ckpt"
   session = _Session(settings, run.spec, probes, out, jax.process_index() == 0)
   session.measure("init", -1, run.init, np.zeros_like(run.prototypes), 0)
   session.measure(name, last, run.params, run.prototypes, run.num_seen)

@@ -4,9 +4,10 @@
 # log per worker. Returns once every worker has started; rerunning the same command resumes.
 #
 #   experiments/launch_tpu_pod.sh [--dry-run] [--project P] [--repo URL] [--dir DIR] \
-#       <tpu-name> <zone> <commit> <config-with-args> <workdir>
+#       <tpu-name> <zone> <commit> <config-with-args> <workdir> [--config.key=value ...]
 #   e.g. experiments/launch_tpu_pod.sh my-v4-32 us-central2-b 1a2b3c4 \
-#          "experiments/configs/cifar100.py:backbone=in21k" /mnt/shared/runs/cifar_s0
+#          "experiments/configs/cifar100.py:backbone=in21k" /mnt/shared/runs/cifar_5seeds \
+#          --config.seeds=0,1,2,3,4
 #
 # --dry-run prints every gcloud command (one per line, shell-quoted) instead of running it.
 # --repo (default: this checkout's `origin` URL) is cloned on each worker into --dir (default
@@ -15,7 +16,7 @@
 # without access to the repository). Each worker installs into --dir/.venv:
 #   pip install -r requirements.txt -e ".[tpu]"
 # then runs `python -m ntkcl_jax.main --config <config> --workdir <workdir> --multihost
-# --config.train.platform=tpu` under nohup, writing <dir>/logs/worker-<i>.log on worker i
+# --config.train.platform=tpu [--config.key=value ...]` under nohup, writing <dir>/logs/worker-<i>.log on worker i
 # (fetch them with `gcloud compute tpus tpu-vm ssh <tpu> --worker=<i> --command 'tail ...'`).
 #
 # The workdir must be one directory all workers see (NFS / Filestore, or a GCS bucket mounted
@@ -30,16 +31,23 @@ while [[ $# -gt 0 ]]; do
     --project) PROJECT=$2; shift 2 ;;
     --repo) REPO=$2; shift 2 ;;
     --dir) DIR=$2; shift 2 ;;
-    -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,26p' "$0"; exit 0 ;;
     --*) echo "error: unknown option $1" >&2; exit 2 ;;
     *) break ;;
   esac
 done
-if [[ $# -ne 5 ]]; then
-  echo "usage: $0 [--dry-run] [--project P] [--repo URL|local] [--dir DIR] <tpu-name> <zone> <commit> <config> <workdir>" >&2
+if [[ $# -lt 5 ]]; then
+  echo "usage: $0 [--dry-run] [--project P] [--repo URL|local] [--dir DIR] <tpu-name> <zone> <commit> <config> <workdir> [--config.key=value ...]" >&2
   exit 2
 fi
 TPU=$1 ZONE=$2 COMMIT=$3 CONFIG=$4 WORKDIR=$5
+OVERRIDES=("${@:6}")
+for flag in "${OVERRIDES[@]}"; do
+  if ! [[ "$flag" == --config.*=* ]]; then
+    echo "error: extra arguments must be config overrides --config.key=value, got '$flag'" >&2
+    exit 2
+  fi
+done
 HERE=$(cd "$(dirname "$0")/.." && pwd)
 if [[ -z "$REPO" ]]; then
   REPO=$(git -C "$HERE" remote get-url origin 2>/dev/null || true)
@@ -89,6 +97,7 @@ run "${GCLOUD[@]}" ssh "$TPU" --worker=all "${COMMON[@]}" --command "set -e; $FE
 # 3. Start the run under nohup on every worker, one log each; the ssh returns once started.
 # TPU_WORKER_ID is set on every Cloud TPU VM worker (0 .. n-1).
 MAIN="python -m ntkcl_jax.main --config $(q "$CONFIG") --workdir $(q "$WORKDIR") --multihost --config.train.platform=tpu"
+for flag in "${OVERRIDES[@]}"; do MAIN+=" $(q "$flag")"; done
 START="cd $DIR && . .venv/bin/activate && mkdir -p logs && W=\${TPU_WORKER_ID:-\$(hostname)} && nohup $MAIN > logs/worker-\$W.log 2>&1 < /dev/null & echo started worker \${TPU_WORKER_ID:-\$(hostname)} pid \$!"
 run "${GCLOUD[@]}" ssh "$TPU" --worker=all "${COMMON[@]}" --command "$START"
 

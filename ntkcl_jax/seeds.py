@@ -227,18 +227,23 @@ def seed_batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
 
 
 def put_stacked(tree: Any, mesh: jax.sharding.Mesh) -> Any:
-  """Stacked arrays (leading axis K, the whole stack on every process) → sharded `P("seed")`.
+  """Stacked arrays (leading axis K) → sharded `P("seed")`.
 
-  Always fresh buffers (through host memory, as `sharding.put_replicated`): two leaves that were
-  the same array (e.g. the reg snapshot and the parameters it copies) must not share a buffer, or
-  donating one to the step would invalidate the other.
+  Host arrays (and fully addressable device arrays) must hold the whole stack on every process;
+  a global array that spans other processes' devices (run state already placed) is copied on the
+  devices. Always fresh buffers: two leaves that were the same array (e.g. the reg snapshot and
+  the parameters it copies) must not share a buffer, or donating one to the step would
+  invalidate the other.
   """
   sharding = stacked_sharding(mesh)
-  if jax.process_count() == 1:
-    return jax.tree_util.tree_map(lambda x: jax.device_put(np.asarray(x), sharding), tree)
+  copy = jax.jit(jnp.copy, out_shardings=sharding)
 
   def put(x):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      return copy(x)
     x = np.asarray(x)
+    if jax.process_count() == 1:
+      return jax.device_put(x, sharding)
     return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
 
   return jax.tree_util.tree_map(put, tree)

@@ -414,8 +414,11 @@ def run(
       lambda x: fn(params, x), streams, indices, "train", eval_batch, stack
     )
 
-  def new_prototypes(t: int, params_eval, ema_before) -> list[np.ndarray]:
-    """Per seed, the prototypes after task t (`prototypes.update_after_task`), eval features."""
+  def new_prototypes(t: int, params_eval, ema_before, new) -> list[np.ndarray]:
+    """Per seed, the prototypes after task t (`prototypes.update_after_task`), eval features.
+
+    `new`: per seed, (features, labels) of task t's training images under `params_eval`.
+    """
     k_t, s_t = splits[t]
     task_indices = [st.train_indices(t) for st in streams]
 
@@ -430,7 +433,6 @@ def run(
       seen = [np.concatenate([st.train_indices(s) for s in range(t)]) for st in streams]
       return apply_seeds(features, params_eval, seen)
 
-    new = apply_seeds(features, params_eval, task_indices)
     return [
       prototypes.update_after_task(
         protos,
@@ -599,10 +601,14 @@ def run(
       with_head = {**params_eval, "proxy_head": state["train"].params["proxy_head"]}
       predict_t = functools.partial(linear_predict, with_head, k_t + s_t)
     else:
-      state["prototypes"] = stack.put(stack.stack(new_prototypes(t, params_eval, ema_before)))
+      task_feats = apply_seeds(features, params_eval, [st.train_indices(t) for st in streams])
+      protos = new_prototypes(t, params_eval, ema_before, task_feats)
+      state["prototypes"] = stack.put(stack.stack(protos))
       predict_t = functools.partial(predict, params_eval, state["prototypes"], k_t + s_t)
     if ridge is not None:  # closed-form ridge head (analytic_heads) replaces the cosine one
-      ((feats, labels),) = apply_seeds(ridge_features, params_eval, [stream.train_indices(t)])
+      if ridge_features is not features:  # [c; p; m]; else the prototypes' features serve
+        task_feats = apply_seeds(ridge_features, params_eval, [stream.train_indices(t)])
+      ((feats, labels),) = task_feats
       stats, w_out, ridge_info = ridge.end_of_task(state, feats, labels, k_t + s_t, t)
       state.update(stack.put(stats))
       predict_t = functools.partial(ridge_predict, params_eval, jnp.asarray(w_out), k_t + s_t)

@@ -90,3 +90,25 @@ def test_bad_commit_and_missing_arguments_fail_clearly(fake_gcloud):
   r = _launch(env, "pod", "zone")
   assert r.returncode == 2 and "usage:" in r.stderr
   assert not log.exists()
+
+
+def test_config_overrides_reach_every_worker_and_other_arguments_fail(fake_gcloud):
+  env, log = fake_gcloud
+  r = _launch(
+    env,
+    "--repo",
+    "https://example.com/r.git",
+    "pod",
+    "zone",
+    COMMIT,
+    CONFIG,
+    "/w",
+    "--config.seeds=0,1,2,3,4",
+  )
+  assert r.returncode == 0, r.stderr
+  start = _calls(log)[-1]
+  words = shlex.split(start[start.index("--command") + 1])  # as the worker's shell reads it
+  main = words[words.index("nohup") + 1 : words.index(">")]
+  assert main[-2:] == ["--config.train.platform=tpu", "--config.seeds=0,1,2,3,4"]
+  r = _launch(env, "--repo", "local", "pod", "zone", COMMIT, CONFIG, "/w", "--seeds=0,1")
+  assert r.returncode == 2 and "must be config overrides" in r.stderr

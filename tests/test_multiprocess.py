@@ -16,11 +16,8 @@ import pytest
 from tests import tiny_configs as tc
 
 
-@pytest.mark.slow
-@pytest.mark.multiprocess
-def test_two_processes_match_one_process(tmp_path, tmp_path_factory):
-  reference = tc.reference_cli_run(tmp_path_factory)
-  workdir = tmp_path / "run"
+def _two_processes(tmp_path, workdir, *flags: str) -> tuple[list[str], list[str]]:
+  """Runs the CLI as 2 processes of 1 CPU device each; returns their (stdout, stderr)."""
   port = tc.free_port()
   procs, logs = [], []
   try:
@@ -29,7 +26,7 @@ def test_two_processes_match_one_process(tmp_path, tmp_path_factory):
       logs += [out, err]
       cmd = tc.cli_command(
         workdir,
-        *tc.cli_flags(),
+        *flags,
         f"--coordinator_address=localhost:{port}",
         "--num_processes=2",
         f"--process_id={i}",
@@ -48,6 +45,41 @@ def test_two_processes_match_one_process(tmp_path, tmp_path_factory):
   stderr = [(tmp_path / f"err{i}").read_text() for i in range(2)]
   stdout = [(tmp_path / f"out{i}").read_text() for i in range(2)]
   assert codes == [0, 0], "\n\n".join(s[-3000:] for s in stderr)
+  return stdout, stderr
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("seeds", ["0,1", "0,1,2"])
+def test_two_processes_train_stacked_seeds(tmp_path, seeds):
+  """Stacked seeds over 2 processes: "0,1" puts one seed on each process (2 x 1 mesh), "0,1,2"
+  splits every seed's batch between them (1 x 2). Each seed matches its 1-process single run."""
+  workdir = tmp_path / "run"
+  stdout, _ = _two_processes(tmp_path, workdir, *tc.cli_flags(), f"--config.seeds={seeds}")
+  assert "| ntkcl |" in stdout[0] and "| ntkcl |" not in stdout[1]
+  for seed in map(int, seeds.split(",")):
+    single = tmp_path / f"single_{seed}"
+    r = tc.run_cli(single, *tc.cli_flags(seed=seed), num_devices=2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = json.loads((workdir / f"seed_{seed}" / "summary.json").read_text())
+    want = json.loads((single / "summary.json").read_text())
+    assert got["num_processes"] == 2 and got["config"] == want["config"]
+    R = lambda s: np.array(s["accuracy_matrix"], dtype=np.float64)  # noqa: E731  (None -> nan)
+    np.testing.assert_allclose(R(got), R(want), atol=1e-5, rtol=0)
+    lines_got = tc.read_jsonl(workdir / f"seed_{seed}" / "metrics.jsonl")
+    lines_want = tc.read_jsonl(single / "metrics.jsonl")
+    assert [x["kind"] for x in lines_got] == [x["kind"] for x in lines_want]  # no duplicates
+    for a, b in zip(lines_got, lines_want):
+      if a["kind"] == "train":
+        np.testing.assert_allclose(a["total"], b["total"], rtol=1e-5, err_msg=f"seed {seed}")
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_two_processes_match_one_process(tmp_path, tmp_path_factory):
+  reference = tc.reference_cli_run(tmp_path_factory)
+  workdir = tmp_path / "run"
+  stdout, _ = _two_processes(tmp_path, workdir, *tc.cli_flags())
 
   # Only process 0 writes and prints: one copy of every metrics line, one results table.
   assert "| metric |" in stdout[0] and "| metric |" not in stdout[1]

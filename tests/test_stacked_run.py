@@ -217,3 +217,17 @@ def test_stacked_run_resumes_after_sigkill_on_a_seed_by_data_mesh(eight_devices,
     for png in ("accuracy_matrix.png", "accuracy_per_task.png"):
       assert (workdir / f"seed_{seed}" / png).is_file()
   assert (workdir / "results.md").read_text() == (reference / "results.md").read_text()
+
+
+def test_ntk_of_a_stacked_seed_equals_its_single_run(single_runs, stacked_run, tmp_path):
+  """`measure_checkpoint(..., seed=1)` on the stacked workdir measures the same model as on the
+  single run of seed 1: identical kernels at init and after the last task."""
+  from analysis.hook import measure_checkpoint
+
+  measure_checkpoint(tc.tiny_config(seeds="0,1"), stacked_run, seed=1, out_dir=tmp_path / "a")
+  measure_checkpoint(tc.tiny_config(seed=1), single_runs[1], out_dir=tmp_path / "b")
+  names = sorted(p.name for p in (tmp_path / "b").glob("ntk_*.npz"))
+  assert names == ["ntk_init.npz", "ntk_task_end_1.npz"]
+  for name in names:
+    with np.load(tmp_path / "a" / name) as a, np.load(tmp_path / "b" / name) as b:
+      np.testing.assert_array_equal(a["theta"], b["theta"], err_msg=name)
