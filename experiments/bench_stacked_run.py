@@ -16,7 +16,8 @@ each seed's accuracy matrix and metrics.jsonl lines of the two (identical when t
 computes exactly the single step). `mesh`: the stacked run on 1 device and on 8 simulated CPU
 devices, then, per seed, the test logits of the final model of each (restored with
 `run_state.load_run(..., seed=s)`), reported as the number of differing predictions and the
-largest logit difference. The CPU model and load average are printed; `--json` prints one JSON
+largest logit difference. `predictions --out <round dir>`: the same per-seed comparison between
+a `speed` round's single runs and its stacked run. The CPU model and load average are printed; `--json` prints one JSON
 object as the last line.
 """
 
@@ -101,7 +102,7 @@ def speed(args: argparse.Namespace) -> dict[str, Any]:
   return {"seeds": seeds, "extra": extra, "rounds": rounds}
 
 
-def _test_logits(config, workdir: pathlib.Path, seed: int):
+def _test_logits(config, workdir: pathlib.Path, seed: int | None):
   """(logits (n, C), labels) of the final model of `seed` on the test sets of every task."""
   import jax
   import numpy as np
@@ -157,6 +158,28 @@ def mesh(args: argparse.Namespace) -> dict[str, Any]:
   return {"seeds": seeds, "mesh_8_devices": mesh_shape, "walls": walls, "per_seed": per_seed}
 
 
+def predictions(args: argparse.Namespace) -> dict[str, Any]:
+  """Per seed: test predictions of a `speed` round's single run vs the stacked run's seed."""
+  import numpy as np
+
+  seeds = [int(s) for s in args.seeds.split(",")]
+  extra = args.extra.split()
+  stacked = _load_config(args.config, [f"--config.seeds={args.seeds}", *extra])
+  per_seed = {}
+  for seed in seeds:
+    single = _load_config(args.config, [f"--config.seed={seed}", *extra])
+    la, ya = _test_logits(single, args.out / f"seed{seed}", None)
+    lb, yb = _test_logits(stacked, args.out / "stacked", seed)
+    np.testing.assert_array_equal(ya, yb)
+    per_seed[str(seed)] = {
+      "predictions": int(len(ya)),
+      "differing_predictions": int((la.argmax(-1) != lb.argmax(-1)).sum()),
+      "max_abs_logit_diff": float(np.abs(la - lb).max()),
+    }
+    print(f"seed {seed}: {per_seed[str(seed)]}", flush=True)
+  return {"seeds": seeds, "per_seed": per_seed}
+
+
 def _load_config(path: str, flags: list[str]):
   """The config file with `--config.key=value` flags applied (as `ntkcl_jax.main` parses them)."""
   import importlib.util
@@ -176,7 +199,7 @@ def _load_config(path: str, flags: list[str]):
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("what", choices=("speed", "mesh"))
+  parser.add_argument("what", choices=("speed", "mesh", "predictions"))
   parser.add_argument("--config", default=str(DEMO))
   parser.add_argument("--seeds", default="0,1,2,3,4")
   parser.add_argument("--extra", default="--config.analysis.enabled=False")
@@ -185,7 +208,7 @@ def main() -> None:
   parser.add_argument("--json", action="store_true")
   args = parser.parse_args()
   print(f"CPU: {bench_util.cpu_name('unknown')}; load average {os.getloadavg()}", flush=True)
-  result = speed(args) if args.what == "speed" else mesh(args)
+  result = {"speed": speed, "mesh": mesh, "predictions": predictions}[args.what](args)
   result["cpu"] = bench_util.cpu_name("unknown")
   result["load_average_end"] = os.getloadavg()
   if args.json:
