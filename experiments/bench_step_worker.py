@@ -189,8 +189,14 @@ def _grad_frozen_step(model, tx, batch_size: int):
   return train_step
 
 
-def run_worker(cfg: dict[str, Any]) -> dict[str, Any]:
-  """Builds, compiles and times one phase ("train" or "eval") of one configuration."""
+def build_phase(cfg: dict[str, Any]) -> dict[str, Any]:
+  """The jitted step of one (configuration, phase) and its inputs, not yet compiled.
+
+  Returns {"fn": the `jax.jit` function, "args": its arguments (train: state, frozen, aux,
+  batch, key, lr; eval: params, prototypes, num_seen, images), "keys": per-call keys (train),
+  "spec", "batch_size", "num_classes", "head_width", "init_s", "rss_after_init_bytes"}. Used by
+  `run_worker` and by `profile_step.py`.
+  """
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -208,7 +214,6 @@ def run_worker(cfg: dict[str, Any]) -> dict[str, Any]:
     split_trainable,
   )
 
-  load_before = os.getloadavg()[0]
   _, batch_size, num_classes, (k_t, s_t), _ = SIZES[cfg["size"]]
   batch_size = cfg.get("batch") or batch_size
   spec = build_spec(cfg)
@@ -222,8 +227,15 @@ def run_worker(cfg: dict[str, Any]) -> dict[str, Any]:
   protos[: k_t + s_t] = rng.normal(size=(k_t + s_t, spec.feature_dim))
   protos_j = jnp.asarray(protos)
   jax.block_until_ready(params)
-  init_s = time.perf_counter() - t0
-  rss_after_init = bench_util.proc_status_bytes("VmRSS")
+  out = {
+    "spec": spec,
+    "batch_size": batch_size,
+    "num_classes": num_classes,
+    "head_width": s_t,
+    "init_s": time.perf_counter() - t0,
+    "rss_after_init_bytes": bench_util.proc_status_bytes("VmRSS"),
+    "keys": None,
+  }
 
   if cfg["phase"] == "train":
     params["proxy_head"] = init_proxy_head(jax.random.key(1), spec.feature_dim, s_t)
@@ -249,34 +261,50 @@ def run_worker(cfg: dict[str, Any]) -> dict[str, Any]:
       step = _grad_frozen_step(model, tx, batch_size)
     else:
       step = make_train_step(model, losses.LossWeights(), tx, batch_size)
-    fn = jax.jit(step, donate_argnums=(0,) if cfg["donate"] else ())
-    keys = [jax.random.key(i) for i in range(cfg["repeats"] + 1)]
-    lr = 0.01
-    t0 = time.perf_counter()
-    compiled = fn.lower(state, frozen, aux, batch, keys[0], lr).compile()
-    compile_s = time.perf_counter() - t0
-
-    def call(i):
-      nonlocal state
-      state, terms = compiled(state, frozen, aux, batch, keys[i], lr)
-      jax.block_until_ready((state, terms))
-      return terms
-
+    out["fn"] = jax.jit(step, donate_argnums=(0,) if cfg["donate"] else ())
+    out["keys"] = [jax.random.key(i) for i in range(cfg["repeats"] + 1)]
+    out["args"] = [state, frozen, aux, batch, out["keys"][0], 0.01]
   else:
     eval_params = {k: params[k] for k in ("backbone", "peft", "fusion")}
     weights = (1.0, 0.3, 0.1) if spec.use_init_ptm else (0.3, 0.1)
-    fn = jax.jit(make_eval_fn(model, weights))
-    num_seen = jnp.int32(k_t + s_t)
-    t0 = time.perf_counter()
-    compiled = fn.lower(eval_params, protos_j, num_seen, images).compile()
-    compile_s = time.perf_counter() - t0
+    out["fn"] = jax.jit(make_eval_fn(model, weights))
+    out["args"] = [eval_params, protos_j, jnp.int32(k_t + s_t), images]
+  return out
 
-    def call(i):
-      out = compiled(eval_params, protos_j, num_seen, images)
+
+def make_call(built: dict[str, Any], compiled) -> Any:
+  """call(i) for `bench_util.time_calls`: one finished call of `compiled` on `built`'s inputs
+  (train: the state is carried from call to call, as it is donated; call i uses key i)."""
+  import jax
+
+  args = list(built["args"])
+
+  def call(i):
+    if built["keys"] is None:
+      out = compiled(*args)
       jax.block_until_ready(out)
       return out
+    args[4] = built["keys"][i]
+    args[0], terms = compiled(*args)
+    jax.block_until_ready((args[0], terms))
+    return terms
 
-  first, timing = bench_util.time_calls(call, cfg["repeats"], batch_size)
+  return call
+
+
+def run_worker(cfg: dict[str, Any]) -> dict[str, Any]:
+  """Builds, compiles and times one phase ("train" or "eval") of one configuration."""
+  import jax
+  import numpy as np
+
+  load_before = os.getloadavg()[0]
+  built = build_phase(cfg)
+  spec, batch_size = built["spec"], built["batch_size"]
+  t0 = time.perf_counter()
+  compiled = built["fn"].lower(*built["args"]).compile()
+  compile_s = time.perf_counter() - t0
+
+  first, timing = bench_util.time_calls(make_call(built, compiled), cfg["repeats"], batch_size)
   finite = None
   if cfg["phase"] == "train":
     finite = bool(np.isfinite(float(first["total"])))
@@ -289,7 +317,7 @@ def run_worker(cfg: dict[str, Any]) -> dict[str, Any]:
     "batch": batch_size,
     "platform": dev.platform,
     "device_kind": dev.device_kind,
-    "init_s": init_s,
+    "init_s": built["init_s"],
     "compile_s": compile_s,
     **timing,
     "xla_flops_per_img": (lambda f: None if f is None else f / batch_size)(_cost_flops(compiled)),
@@ -297,11 +325,11 @@ def run_worker(cfg: dict[str, Any]) -> dict[str, Any]:
     "analytic_flops_per_img": (
       None
       if cfg.get("grad_frozen")
-      else analytic_flops(spec, num_classes, s_t, batch_size)[cfg["phase"]]
+      else analytic_flops(spec, built["num_classes"], built["head_width"], batch_size)[cfg["phase"]]
     ),
     "xla_temp_bytes": getattr(mem, "temp_size_in_bytes", None),
     "peak_rss_bytes": bench_util.peak_rss_bytes(),
-    "rss_after_init_bytes": rss_after_init,
+    "rss_after_init_bytes": built["rss_after_init_bytes"],
     "device_peak_bytes": stats.get("peak_bytes_in_use"),
     "loss_finite": finite,
     "load_avg_before": load_before,

@@ -35,6 +35,7 @@ REMAT_POLICIES = {
   "none": None,  # everything (no remat)
   "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # weight-matmul outputs
   "full": jax.checkpoint_policies.nothing_saveable,  # only the block input
+  "dots_all": jax.checkpoint_policies.dots_saveable,  # every matmul output, attention's too
 }
 
 
@@ -67,6 +68,9 @@ class ModelSpec:
       "dots" against "none" takes 0.89x the time and 0.78x the peak memory (0.69x XLA's planned
       temporaries; less memory traffic outweighs the recomputed elementwise work), "full" 1.05x
       the time and the same memory as "dots". Hence the default.
+      "dots_all" also keeps the attention matmuls' outputs (scores, A·V; more memory, less
+      recomputation); measured against "dots" with `experiments/ab_step.py` (see
+      experiments/results/perf/cpu_step_profile.md).
   """
 
   vit: ViTSpec = ViTSpec()
