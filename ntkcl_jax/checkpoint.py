@@ -138,6 +138,19 @@ class RunCheckpoints:
       ) from e
     return out["state"], out["meta"]
 
+  def restore_on_one_device(self, number: int) -> tuple[Any, dict[str, Any]]:
+    """Restores every array as stored (shapes, dtypes) onto this process's first device, whatever
+    devices wrote it (a pod or multi-GPU run read back in Colab or on a laptop)."""
+    metadata = self.manager.item_metadata(number)
+    state = metadata.get("state") if metadata is not None else None
+    if state is None:
+      raise FileNotFoundError(f"Checkpoint {self.directory / str(number)} holds no state.")
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    abstract = jax.tree_util.tree_map(
+      lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=device), state
+    )
+    return self.restore(number, abstract)
+
   def _mismatches(
     self, number: int, abstract_state: Any
   ) -> list[tuple[str, tuple[int, ...] | None, tuple[int, ...] | None]]:

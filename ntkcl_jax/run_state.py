@@ -155,7 +155,6 @@ def load_run(
     FileNotFoundError: the workdir has no checkpoint.
     ValueError: `config.method` is not "ntkcl", or `seed` is not one of `config.seeds`.
   """
-  import orbax.checkpoint as ocp
 
   if config.method != "ntkcl":
     raise ValueError(
@@ -169,13 +168,9 @@ def load_run(
     number = ckpts.latest() if number is None else number
     if number is None:
       raise FileNotFoundError(f"No checkpoint under {workdir / 'checkpoints'}; train first.")
-    restored = ckpts.manager.restore(
-      number,
-      args=ocp.args.Composite(state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()),
-    )
+    state, meta = ckpts.restore_on_one_device(number)  # any topology the run was saved from
   finally:
     ckpts.close()
-  state, meta = restored["state"], restored["meta"]
   progress = meta["progress"]
   stages = progress.get("stages")
   if config.seeds:  # a stacked run: seed i's slice of every array, its own stages
