@@ -6,10 +6,11 @@ switches (`method`, loss weights, `model.name`, `train.use_ema`), not forks. `co
 trains several seeds in lockstep: the same code over a `SeedStack` (one plain run, or K stacked
 runs whose step is vmapped over seeds), with host bookkeeping as one loop over seeds.
 
-Why ~500 lines in one module: `run` is the SPEC 2.4 procedure written as one function that reads
+Why ~700 lines in one module: `run` is the SPEC 2.4 procedure written as one function that reads
 in the order a task happens; its pieces with logic of their own already live elsewhere
 (`prototypes`, `evaluate`, `train_step`, `data.prefetch`, `analytic_heads`, `workdir`,
-`run_state`). Splitting the task loop further would hide that order behind callbacks.
+`run_state`, `seed_stack`). Splitting the task loop further would hide that order behind
+callbacks. The per-seed loops (logging, stages, summaries) are what stacked seeds added.
 """
 
 from __future__ import annotations
