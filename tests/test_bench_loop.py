@@ -10,6 +10,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from tests import tiny_configs as tc
 
 TINY = {
@@ -20,6 +22,7 @@ TINY = {
 }
 
 
+@pytest.mark.slow
 def test_bench_loop_tiny_reports_every_field(tmp_path):
   overrides = [a for k, v in TINY.items() for a in ("--override", f"{k}={v}")]
   args = ["--repeats", "1", "--pipeline-size", "32", "--pipeline-images", "16"]

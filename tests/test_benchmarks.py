@@ -33,6 +33,7 @@ def _run_json(script: str, *args: str, timeout: float = 900) -> dict:
   return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_bench_step_tiny_reports_matching_flop_counts():
   out = _run_json(
     "bench_step.py",

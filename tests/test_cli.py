@@ -247,8 +247,9 @@ def test_resume_with_a_different_model_size_is_refused(reference, cache, tmp_pat
   r = tc.run_cli(workdir, *tc.cli_flags(backbone__width=32), cache_dir=cache)
   assert r.returncode == 2, r.stderr[-3000:]
   message = _error_line(r.stderr)
-  match = re.search(r"Leaf '([^']+)' is \(([\d, ]+)\) in checkpoint .* but \(([\d, ]+)\)", message)
-  assert match, message
+  match = re.search(r"^  (\S+): stored \(([\d, ]+)\), expected \(([\d, ]+)\)$", message, re.M)
+  assert match and "does not match the configured model" in message, message
+  assert "new --workdir" in message and "Nothing in the workdir was changed" in message
   assert "16" in match.group(2) and "32" in match.group(3), message
   assert tc.file_digests(workdir / "checkpoints") == before  # nothing deleted or rewritten
 
