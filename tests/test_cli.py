@@ -9,13 +9,9 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import pathlib
 import re
 import shutil
-import signal
-import subprocess
-import time
 
 import numpy as np
 import pytest
@@ -98,22 +94,7 @@ def test_summary_metrics_and_plots(reference):
 
 def test_sigkill_mid_task_then_resume_is_bit_identical(reference, cache, tmp_path):
   workdir = tmp_path / "run"
-  cmd = tc.cli_command(workdir, *tc.cli_flags())
-  with open(tmp_path / "killed.err", "w") as err:
-    proc = subprocess.Popen(
-      cmd, cwd=tc.REPO, env=tc.subprocess_env(8, cache), stdout=subprocess.DEVNULL, stderr=err
-    )
-    deadline = time.monotonic() + 600
-    try:
-      while not tc.checkpoint_numbers(workdir):  # the first (mid-task 0) checkpoint
-        assert proc.poll() is None, (tmp_path / "killed.err").read_text()[-3000:]
-        assert time.monotonic() < deadline, "no checkpoint within 600 s"
-        time.sleep(0.02)
-      os.kill(proc.pid, signal.SIGKILL)
-    finally:
-      proc.kill()
-      proc.wait()
-  assert proc.returncode == -signal.SIGKILL
+  tc.kill_at_first_checkpoint(workdir, list(tc.cli_flags()), cache, tmp_path / "killed.err")
   assert not (workdir / "summary.json").exists()
   number = max(tc.checkpoint_numbers(workdir))
   _, meta = tc.read_checkpoint(workdir, number)

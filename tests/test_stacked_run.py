@@ -10,12 +10,9 @@ resume test runs the CLI, both on 8 simulated devices: two seeds as a 2 (seed) x
 from __future__ import annotations
 
 import json
-import os
 import pathlib
-import signal
 import subprocess
 import sys
-import time
 
 import jax
 import numpy as np
@@ -173,25 +170,7 @@ def test_stacked_run_resumes_after_sigkill_on_a_seed_by_data_mesh(eight_devices,
   reference = eight_devices[0]
   flags = [*tc.cli_flags(), "--config.seeds=0,1"]
   workdir = tmp_path / "run"
-  with open(tmp_path / "killed.err", "w") as err:
-    proc = subprocess.Popen(
-      tc.cli_command(workdir, *flags),
-      cwd=tc.REPO,
-      env=tc.subprocess_env(8, cache),
-      stdout=subprocess.DEVNULL,
-      stderr=err,
-    )
-    deadline = time.monotonic() + 600
-    try:
-      while not tc.checkpoint_numbers(workdir):  # the first (mid-task 0) checkpoint
-        assert proc.poll() is None, (tmp_path / "killed.err").read_text()[-3000:]
-        assert time.monotonic() < deadline, "no checkpoint within 600 s"
-        time.sleep(0.02)
-      os.kill(proc.pid, signal.SIGKILL)
-    finally:
-      proc.kill()
-      proc.wait()
-  assert proc.returncode == -signal.SIGKILL
+  tc.kill_at_first_checkpoint(workdir, flags, cache, tmp_path / "killed.err")
   _, meta = tc.read_checkpoint(workdir, max(tc.checkpoint_numbers(workdir)))
   assert meta["progress"]["in_task"], f"killed too late: {meta['progress']}"
 

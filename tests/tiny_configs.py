@@ -18,9 +18,11 @@ import hashlib
 import json
 import os
 import pathlib
+import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -131,6 +133,31 @@ def run_cli(
     text=True,
     timeout=timeout,
   )
+
+
+def kill_at_first_checkpoint(
+  workdir: pathlib.Path, flags: list[str], cache_dir: str | os.PathLike, log_path: pathlib.Path
+) -> None:
+  """Runs the CLI on 8 devices and SIGKILLs it as soon as its first checkpoint is finished."""
+  with open(log_path, "w") as err:
+    proc = subprocess.Popen(
+      cli_command(workdir, *flags),
+      cwd=REPO,
+      env=subprocess_env(8, cache_dir),
+      stdout=subprocess.DEVNULL,
+      stderr=err,
+    )
+    deadline = time.monotonic() + 600
+    try:
+      while not checkpoint_numbers(workdir):  # the first (mid-task 0) checkpoint
+        assert proc.poll() is None, log_path.read_text()[-3000:]
+        assert time.monotonic() < deadline, "no checkpoint within 600 s"
+        time.sleep(0.02)
+      os.kill(proc.pid, signal.SIGKILL)
+    finally:
+      proc.kill()
+      proc.wait()
+  assert proc.returncode == -signal.SIGKILL
 
 
 def free_port() -> int:
