@@ -134,7 +134,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.use_init_ptm = False
   c.model.frozen_prompt_list_num = 1  # EMA banks; only 1 is in scope (SPEC 1.4).
   c.model.dtype = "float32"  # compute dtype: float32 | bfloat16
-  c.model.remat = "dots"  # kept for backward: dots | none | full | dots_all (ModelSpec)
+  c.model.remat = "dots"  # what each block stores for backward: dots | none | full | dots_all
 
   c.train = ml_collections.ConfigDict()
   c.train.lr = 0.025
