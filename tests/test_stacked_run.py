@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import json
 import pathlib
-import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -61,15 +59,7 @@ train.run(tc.tiny_config(seeds="0,1"), out / "stacked")
 def one_device(tmp_path_factory, cache) -> pathlib.Path:
   """Workdirs `single_0`, `single_1` and `stacked` (seeds 0,1), all on one CPU device."""
   out = tmp_path_factory.mktemp("one_device")
-  r = subprocess.run(
-    [sys.executable, "-c", ONE_DEVICE_RUNS, str(out)],
-    cwd=tc.REPO,
-    env=tc.subprocess_env(1, cache),
-    capture_output=True,
-    text=True,
-    timeout=1200,
-  )
-  assert r.returncode == 0, r.stderr[-4000:]
+  tc.run_python(ONE_DEVICE_RUNS, str(out), num_devices=1, cache_dir=cache, timeout=1200)
   return out
 
 

@@ -9,8 +9,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import re
-import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -95,15 +93,7 @@ def test_returned_summary_is_the_written_one(eight_devices):
 def test_one_device_matches_eight_devices(eight_devices, cache, tmp_path):
   summary8, workdir8 = eight_devices
   workdir1 = tmp_path / "one_device"
-  r = subprocess.run(
-    [sys.executable, "-c", _ONE_DEVICE_RUN, str(workdir1)],
-    cwd=tc.REPO,
-    env=tc.subprocess_env(1, cache),
-    capture_output=True,
-    text=True,
-    timeout=600,
-  )
-  assert r.returncode == 0, r.stderr[-4000:]
+  tc.run_python(_ONE_DEVICE_RUN, str(workdir1), num_devices=1, cache_dir=cache)
   summary1 = json.loads((workdir1 / "summary.json").read_text())
   assert summary1["num_devices"] == 1
 

@@ -160,6 +160,27 @@ def kill_at_first_checkpoint(
   assert proc.returncode == -signal.SIGKILL
 
 
+def run_python(
+  code: str,
+  *args: str,
+  num_devices: int = 8,
+  cache_dir: str | os.PathLike | None = None,
+  timeout: float = 600,
+) -> subprocess.CompletedProcess:
+  """`python -c code args...` from the repo root with `subprocess_env(num_devices, cache_dir)`;
+  asserts exit status 0 (the child's stderr tail in the message) and returns the process."""
+  r = subprocess.run(
+    [sys.executable, "-c", code, *args],
+    cwd=REPO,
+    env=subprocess_env(num_devices, cache_dir),
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+  )
+  assert r.returncode == 0, r.stderr[-4000:]
+  return r
+
+
 def free_port() -> int:
   """A TCP port on localhost that was free a moment ago."""
   with socket.socket() as s:
