@@ -20,8 +20,9 @@ import numpy as np
 from ntkcl_jax import config as config_lib
 from ntkcl_jax.checkpoint import RunCheckpoints
 from ntkcl_jax.data import TaskStream, cap_per_class, class_order, make_source
+from ntkcl_jax.data.sources.registry import missing_data
 from ntkcl_jax.models.ntkcl import ModelSpec, init_params
-from ntkcl_jax.models.vit import load_augreg
+from ntkcl_jax.models.vit import load_augreg, missing_checkpoint
 
 __all__ = [
   "RunState",
@@ -31,6 +32,37 @@ __all__ = [
   "load_run",
   "num_tasks",
 ]
+
+
+class MissingInputsError(FileNotFoundError):
+  """A run's data or backbone weights are not on disk (raised before anything is written)."""
+
+
+def missing_inputs(config: ml_collections.ConfigDict) -> list[str]:
+  """What this run needs on disk and lacks: its dataset (both splits) and its backbone weights,
+  one line each with the fix. Checks existence only (no image, label or weight is read), so a run
+  can stop at start; a compile-only path, which reads neither, does not call it.
+  """
+  problems = []
+  d = config.data
+  why = missing_data(d.name, d.data_dir or None)
+  if why:
+    problems.append(f"data ({d.name}, --config.data.data_dir={d.data_dir!r}): {why}")
+  path = config.backbone.checkpoint_path
+  why = missing_checkpoint(path) if path else None
+  if why:
+    problems.append(f"backbone weights (--config.backbone.checkpoint_path): {why}")
+  return problems
+
+
+def check_inputs(config: ml_collections.ConfigDict) -> None:
+  """Raises `MissingInputsError` listing everything `missing_inputs(config)` finds."""
+  problems = missing_inputs(config)
+  if problems:
+    raise MissingInputsError(
+      "this run's inputs are missing; nothing was written.\n"
+      + "\n".join(f"  - {p}" for p in problems)
+    )
 
 
 def build_streams(config: ml_collections.ConfigDict, seeds: Sequence[int]) -> list[TaskStream]:

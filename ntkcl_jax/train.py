@@ -53,7 +53,7 @@ from ntkcl_jax.hooks import TaskHook, TaskView
 from ntkcl_jax.models.ntkcl import NTKCL
 from ntkcl_jax.models.vit import VisionTransformer, load_augreg
 from ntkcl_jax.optim import make_optimizer
-from ntkcl_jax.run_state import accuracy_matrix, build_streams, initial_params
+from ntkcl_jax.run_state import accuracy_matrix, build_streams, check_inputs, initial_params
 from ntkcl_jax.run_state import num_tasks as count_tasks
 from ntkcl_jax.seed_stack import SeedStack
 from ntkcl_jax.seeds import skip_empty_batches
@@ -158,6 +158,7 @@ def run(
   """
   t_start = time.time()
   quirks = config_lib.validate(config)
+  check_inputs(config)  # data and weights on disk, before anything is written
   workdir = pathlib.Path(workdir)
   is_writer = jax.process_index() == 0
   check_workdir_config(workdir, config, is_writer)

@@ -1,9 +1,25 @@
-"""Test-session setup: 8 simulated CPU devices (set before JAX is imported anywhere)."""
+"""Test-session setup: 8 simulated CPU devices (set before JAX is imported anywhere), and the
+numerics guard (`NTKCL_NUMERICS_GUARD=1`, see `tests/numerics.py`)."""
 
 import os
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+from tests import numerics
+
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 # Tests compile many small programs; XLA's full optimisation pipeline would dominate their time.
+# The guard turns it back on (other fusions, other float32 summation orders).
 os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
+os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"] = numerics.optimizations_disabled_env()
+if "XLA_FLAGS" not in os.environ or numerics.guard_on():
+  os.environ["XLA_FLAGS"] = " ".join(
+    filter(None, [os.environ.get("XLA_FLAGS", ""), numerics.xla_flags(8)])
+  )
+
+
+def pytest_report_header(config):
+  if numerics.guard_on():
+    return (
+      f"numerics guard on: JAX_DISABLE_MOST_OPTIMIZATIONS=0, XLA_FLAGS={os.environ['XLA_FLAGS']}"
+    )
+  return None

@@ -13,6 +13,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from ntkcl_jax import losses, report, seeds
 from ntkcl_jax.data import TaskStream, class_order
 from ntkcl_jax.data.sources import ArraySource
+from ntkcl_jax.models.heads import section_weighted_logits
 from ntkcl_jax.models.ntkcl import NTKCL, init_params
 from ntkcl_jax.optim import make_optimizer
 from ntkcl_jax.train_step import (
@@ -25,18 +26,20 @@ from ntkcl_jax.train_step import (
   reg_targets,
   split_trainable,
 )
+from tests import numerics
 from tests.fakes import tiny_spec
 
 NUM_CLASSES, K_T, S_T = 6, 2, 2
-# Differences per leaf (`_max_diff`), relative to the leaf's largest magnitude. Measured on CPU
-# (jax 0.9.2, tiny_spec, 2 SGD steps, reference-mode loss): K = 3 vmapped on one device vs three
-# single-seed steps: bitwise identical (0.0) states and terms; K = 4 on a 4 x 2 mesh vs one device:
-# relative 2.5e-6 on states, 2.2e-7 on loss terms (sharded batch reductions sum in another
-# order, as in test_train), and L_orth (Q4, a signed sum that cancels to ~1e-7) 5.5e-7 absolute.
-SCALE_FLOOR = 1e-3
-STEP_RTOL = 1e-6
-MESH_RTOL = 1e-5  # = test_train.LOSS_RTOL
-ORTH_ATOL = 1e-5  # = test_train.ORTH_ATOL
+# Differences per leaf (`numerics.max_difference`: relative to the leaf's largest magnitude).
+# A vmapped step and K single steps, or a 4 x 2 mesh and one device, are different programs: they
+# agree within the tolerances of `tests/numerics.py`, not bit for bit. Measured on CPU (jax 0.9.2,
+# tiny_spec, 2 SGD steps, reference-mode loss): K = 3 vmapped on one device vs three single-seed
+# steps: relative 0.0 on one x86-64 CPU and 3.3e-6 on another (AMD EPYC with AVX-512); K = 4 on a
+# 4 x 2 mesh vs one device: relative 2.5e-6 on states, 2.2e-7 on loss terms, and L_orth (Q4, a
+# signed sum that cancels to ~1e-7) 5.5e-7 absolute.
+STEP_RTOL = numerics.STATE_RTOL
+MESH_RTOL = numerics.STATE_RTOL
+ORTH_ATOL = numerics.ORTH_ATOL
 
 
 def _run(seed: int, backbone, batch_size: int, num_steps: int):
@@ -67,22 +70,6 @@ def _run(seed: int, backbone, batch_size: int, num_steps: int):
   ]
   keys = [jax.random.fold_in(jax.random.key(seed), s + 1) for s in range(num_steps)]
   return state, frozen, aux, batches, keys, tx, spec
-
-
-def _max_diff(a, b) -> tuple[float, float]:
-  """(max |a - b|, max relative difference) over the leaves of two pytrees.
-
-  The relative difference of a leaf is max |a - b| / max(max |b|, SCALE_FLOOR): leaves smaller than
-  SCALE_FLOOR everywhere (numerically zero: dead parameters, ~1e-15) are compared absolutely.
-  """
-
-  def one(x, y):
-    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
-    d = float(np.max(np.abs(x - y), initial=0.0))
-    return np.array([d, d / max(float(np.max(np.abs(y), initial=0.0)), SCALE_FLOOR)])
-
-  pairs = jax.tree_util.tree_leaves(jax.tree_util.tree_map(one, a, b))
-  return max(float(p[0]) for p in pairs), max(float(p[1]) for p in pairs)
 
 
 def _worst(pairs) -> tuple[float, float]:
@@ -142,16 +129,26 @@ def test_vmapped_step_equals_single_seed_steps_and_skips_padding(backbone):
   assert [bool(x) for x in terms[1]["active"]] == [True, True, False]
 
   per_seed = seeds.unstack_tree(state, 3)
-  state_diff = _worst(_max_diff(per_seed[i], expected[i][0]) for i in range(3))
+  state_diff = _worst(numerics.max_difference(per_seed[i], expected[i][0]) for i in range(3))
+  pairs = [(i, s) for i in range(3) for s in range(len(expected[i][1]))]
   term_diff = _worst(
-    _max_diff({k: v[i] for k, v in terms[s].items() if k != "active"}, expected[i][1][s])
-    for i in range(3)
-    for s in range(len(expected[i][1]))
+    numerics.max_difference(
+      {k: v[i] for k, v in terms[s].items() if k not in ("active", "orth")},
+      {k: v for k, v in expected[i][1][s].items() if k != "orth"},
+    )
+    for i, s in pairs
   )
-  print(f"K=3 vmapped vs single-seed (abs, rel): state {state_diff}, terms {term_diff}")
-  assert state_diff[1] <= STEP_RTOL and term_diff[1] <= STEP_RTOL
+  orth_diff = max(
+    abs(float(terms[s]["orth"][i]) - float(expected[i][1][s]["orth"])) for i, s in pairs
+  )
+  print(
+    f"K=3 vmapped vs single (abs, rel): state {state_diff}, terms {term_diff}, orth {orth_diff}"
+  )
+  assert state_diff[1] <= STEP_RTOL and term_diff[1] <= STEP_RTOL and orth_diff <= ORTH_ATOL
   assert int(per_seed[2].step) == 1 and int(per_seed[0].step) == 2  # the padded step was skipped
-  assert _max_diff(per_seed[0].params, per_seed[1].params)[0] > 1e-3  # the seeds really differ
+  assert (
+    numerics.max_difference(per_seed[0].params, per_seed[1].params)[0] > 1e-3
+  )  # the seeds really differ
 
 
 @pytest.mark.slow
@@ -185,16 +182,16 @@ def test_seed_mesh_4x2_matches_single_device(backbone):
   for i, host_batch in enumerate(seeds.zip_seed_batches([r[3] for r in runs])):
     batch = seeds.put_seed_batch(host_batch, mesh, 4, batch_size)
     assert batch["image"].sharding.spec == PartitionSpec("seed", "data")
-    keys = seeds.put_stacked(jnp.stack([r[4][i] for r in runs]), mesh)
+    keys = jax.device_put(jnp.stack([r[4][i] for r in runs]), seeds.stacked_sharding(mesh))
     state, t = step(state, frozen, aux, batch, keys, lr)
     terms.append(t)
   leaf = state.params["fusion"]["value"]["kernel"]
   assert leaf.sharding.spec == PartitionSpec("seed") and len(leaf.sharding.device_set) == 8
 
   per_seed = seeds.unstack_tree(jax.device_get(state), 4)
-  state_diff = _worst(_max_diff(per_seed[i], expected[i][0]) for i in range(4))
+  state_diff = _worst(numerics.max_difference(per_seed[i], expected[i][0]) for i in range(4))
   term_diff = _worst(
-    _max_diff(
+    numerics.max_difference(
       {k: v[i] for k, v in terms[s].items() if k != "orth"},
       {k: v for k, v in expected[i][1][s].items() if k != "orth"},
     )
@@ -236,14 +233,20 @@ def test_vmapped_eval_and_features_equal_single_seed(backbone):
     num_seen,
     jnp.stack(images),
   )
-  for s in range(3):
-    np.testing.assert_array_equal(stacked[0][s], single[s][0])
-    np.testing.assert_array_equal(stacked[1][s], single[s][1])
   features = make_feature_fn(NTKCL(spec))
+  for s in range(3):  # identical predictions except near-ties of the single run's logits
+    logits = section_weighted_logits(jax.jit(features)(params[s], images[s]), protos[s], (0.3, 0.1))
+    gaps = np.diff(np.sort(np.asarray(logits)[:, :4], -1), axis=-1)  # (b, 3), ascending order
+    top1_tie, any_tie = gaps[:, -1] < numerics.LOGIT_ATOL, gaps.min(-1) < numerics.LOGIT_ATOL
+    assert not ((np.asarray(stacked[0][s]) != np.asarray(single[s][0])) & ~top1_tie).any()
+    topk_differs = (np.asarray(stacked[1][s]) != np.asarray(single[s][1])).any(-1)
+    assert not (topk_differs & ~any_tie).any()
   feats = jax.jit(seeds.vmap_over_seeds(features, (seeds.params_in_axes(), 0)))(
     {**seeds.stack_trees(params), "backbone": backbone}, jnp.stack(images)
   )
-  diff = _worst(_max_diff(feats[s], jax.jit(features)(params[s], images[s])) for s in range(3))
+  diff = _worst(
+    numerics.max_difference(feats[s], jax.jit(features)(params[s], images[s])) for s in range(3)
+  )
   print(f"K=3 vmapped features vs single-seed (abs, rel): {diff}")
   assert diff[1] <= STEP_RTOL
   assert len({tuple(np.asarray(x[0]).tolist()) for x in single}) > 1  # seeds predict differently

@@ -1,10 +1,13 @@
 """Stacked seeds through the trainer (`--config.seeds`): equal to the single runs, outputs, resume.
 
 The single runs and the stacked run are the tiny config of `tiny_configs` (two tasks of two steps,
-a checkpoint after every step) in one subprocess on one CPU device, where the stacked seeds must
-be bit-identical to their single runs (on 8 devices a single run splits its batch 8 ways and a
-stacked seed 4 ways, so float sums differ in rounding). The hook test runs in this process and the
-resume test runs the CLI, both on 8 simulated devices: two seeds as a 2 (seed) x 4 (data) mesh.
+a checkpoint after every step) in one subprocess on one CPU device. A stacked seed is a different
+compiled program from its single run (the step is vmapped over seeds), so the two agree within
+the tolerances of `tests/numerics.py`, with identical predictions except counted near-ties
+(`numerics.PredictionRecorder` records every seen test image's top-1 and top-2 margin after each
+task). The hook test runs in this process and the resume test runs the CLI, both on 8 simulated
+devices: two seeds as a 2 (seed) x 4 (data) mesh; the resumed run is the same program as the
+uninterrupted one, so that comparison is exact.
 """
 
 from __future__ import annotations
@@ -12,12 +15,12 @@ from __future__ import annotations
 import json
 import pathlib
 
-import jax
 import numpy as np
 import pytest
 
 from ntkcl_jax import config as config_lib
 from ntkcl_jax import report, run_state, train
+from tests import numerics
 from tests import tiny_configs as tc
 
 SEEDS = (0, 1)
@@ -46,12 +49,19 @@ def cache(tmp_path_factory) -> pathlib.Path:
 
 ONE_DEVICE_RUNS = """
 import pathlib, sys
-from ntkcl_jax import train
+from ntkcl_jax import config as config_lib, train
 from tests import tiny_configs as tc
+from tests.numerics import PredictionRecorder
 out = pathlib.Path(sys.argv[1])
+weights = config_lib.section_weights(tc.tiny_config())
 for seed in (0, 1):
-  train.run(tc.tiny_config(seed=seed), out / f"single_{seed}")
-train.run(tc.tiny_config(seeds="0,1"), out / "stacked")
+  recorder = PredictionRecorder(weights)
+  train.run(tc.tiny_config(seed=seed), out / f"single_{seed}", [recorder])
+  recorder.save(out / f"predictions_single_{seed}.npz")
+recorders = {seed: [PredictionRecorder(weights)] for seed in (0, 1)}
+train.run(tc.tiny_config(seeds="0,1"), out / "stacked", recorders)
+for seed, (recorder,) in recorders.items():
+  recorder.save(out / f"predictions_stacked_{seed}.npz")
 """
 
 
@@ -73,21 +83,32 @@ def stacked_run(one_device) -> pathlib.Path:
   return one_device / "stacked"
 
 
-def test_stacked_seeds_equal_their_single_runs(single_runs, stacked_run):
+def _allowance(one_device: pathlib.Path, seed: int) -> float:
+  """Accuracy allowance (%) of stacked seed `seed` vs its single run: 0.0 without near-ties."""
+  got = numerics.PredictionRecorder.load(one_device / f"predictions_stacked_{seed}.npz")
+  want = numerics.PredictionRecorder.load(one_device / f"predictions_single_{seed}.npz")
+  assert len(want) == 2 and all(len(stage["top1"]) for stage in want)
+  return numerics.near_tie_allowance(got, want)[1]
+
+
+def test_stacked_seeds_equal_their_single_runs(one_device, single_runs, stacked_run):
+  """Per seed: the same summary and metrics lines (keys, kinds, tasks, steps, counts), losses
+  within LOSS_RTOL, predictions identical but for near-ties, accuracies moved by no more."""
   workdir = stacked_run
   for seed in SEEDS:
+    allowance = _allowance(one_device, seed)
     want = json.loads((single_runs[seed] / "summary.json").read_text())
     got = json.loads((workdir / f"seed_{seed}" / "summary.json").read_text())
     assert got.pop("stacked_seeds") == list(SEEDS)
     assert got["config"] == config_lib.flat_config(tc.tiny_config(seed=seed))
-    assert got["accuracy_matrix"] == want["accuracy_matrix"]
-    assert tc.without_timing(got) == tc.without_timing(want)
-    # every train line (losses, lr) and eval line identical: the vmapped step is the single step
-    want_lines = [tc.without_timing(x) for x in tc.read_jsonl(single_runs[seed] / "metrics.jsonl")]
-    got_lines = [
-      tc.without_timing(x) for x in tc.read_jsonl(workdir / f"seed_{seed}" / "metrics.jsonl")
+    numerics.assert_records_close(got, want, allowance, path=f"seed {seed} summary")
+    want_lines = tc.read_jsonl(single_runs[seed] / "metrics.jsonl")
+    got_lines = tc.read_jsonl(workdir / f"seed_{seed}" / "metrics.jsonl")
+    assert [x["kind"] for x in got_lines] == ["train"] * 2 + ["eval"] + ["train"] * 2 + [
+      "eval",
+      "final",
     ]
-    assert got_lines == want_lines
+    numerics.assert_records_close(got_lines, want_lines, allowance, path=f"seed {seed} lines")
 
 
 def test_stacked_run_writes_seed_tables_and_per_seed_checkpoint_meta(stacked_run):
@@ -113,16 +134,18 @@ def test_stacked_run_writes_seed_tables_and_per_seed_checkpoint_meta(stacked_run
   assert state["prototypes"].shape[0] == len(SEEDS)  # every per-run array has the seed axis
 
 
-def test_load_run_picks_a_seed_of_a_stacked_run(single_runs, stacked_run):
+def test_load_run_picks_a_seed_of_a_stacked_run(one_device, single_runs, stacked_run):
   single = run_state.load_run(tc.tiny_config(seed=1), single_runs[1])
   stacked = run_state.load_run(tc.tiny_config(seeds="0,1"), stacked_run, seed=1)
   assert stacked.config.seed == 1 and not stacked.config.seeds
-  np.testing.assert_array_equal(stacked.prototypes, single.prototypes)
-  np.testing.assert_array_equal(stacked.accuracy_matrix, single.accuracy_matrix)
-  leaves = [jax.tree_util.tree_leaves(r.params) for r in (stacked, single)]
-  assert len(leaves[0]) == len(leaves[1])
-  for a, b in zip(*leaves):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert stacked.prototypes.shape == single.prototypes.shape
+  np.testing.assert_allclose(
+    stacked.prototypes, single.prototypes, rtol=0, atol=numerics.PROTOTYPE_ATOL
+  )
+  np.testing.assert_allclose(
+    stacked.accuracy_matrix, single.accuracy_matrix, rtol=0, atol=_allowance(one_device, 1)
+  )
+  numerics.assert_trees_close(stacked.params, single.params, numerics.STATE_RTOL, "params")
   with pytest.raises(ValueError, match="seed=5 is not one of this stacked run's seeds"):
     run_state.load_run(tc.tiny_config(seeds="0,1"), stacked_run, seed=5)
 
@@ -190,7 +213,9 @@ def test_stacked_run_resumes_after_sigkill_on_a_seed_by_data_mesh(eight_devices,
 
 def test_ntk_of_a_stacked_seed_equals_its_single_run(single_runs, stacked_run, tmp_path):
   """`measure_checkpoint(..., seed=1)` on the stacked workdir measures the same model as on the
-  single run of seed 1: identical kernels at init and after the last task."""
+  single run of seed 1: kernels at init identical (the same program on the same initial
+  parameters), after the last task equal within KERNEL_RTOL of max |Θ| (the parameters came from
+  different programs)."""
   from analysis.hook import measure_checkpoint
 
   measure_checkpoint(tc.tiny_config(seeds="0,1"), stacked_run, seed=1, out_dir=tmp_path / "a")
@@ -199,4 +224,10 @@ def test_ntk_of_a_stacked_seed_equals_its_single_run(single_runs, stacked_run, t
   assert names == ["ntk_init.npz", "ntk_task_end_1.npz"]
   for name in names:
     with np.load(tmp_path / "a" / name) as a, np.load(tmp_path / "b" / name) as b:
-      np.testing.assert_array_equal(a["theta"], b["theta"], err_msg=name)
+      assert a["theta"].shape == b["theta"].shape and np.abs(b["theta"]).max() > 0, name
+      if name == "ntk_init.npz":
+        np.testing.assert_array_equal(a["theta"], b["theta"], err_msg=name)
+      scale = np.abs(b["theta"]).max()
+      np.testing.assert_allclose(
+        a["theta"], b["theta"], rtol=0, atol=numerics.KERNEL_RTOL * scale, err_msg=name
+      )

@@ -14,26 +14,25 @@ import jax
 import numpy as np
 import pytest
 
+from ntkcl_jax import config as config_lib
 from ntkcl_jax import metrics, train
+from tests import numerics
 from tests import tiny_configs as tc
 from tests.test_metrics import tensorboard_scalars
 
-# Measured on CPU (jax 0.9.2, tiny config): the 1- and 8-device runs give identical accuracy
-# matrices; their loss terms differ by at most 9e-7 relative (sharded batch reductions sum in
-# another order), parameters by 4e-6 and prototypes (|μ| ≤ 2.2) by 1.2e-7. The exception is the
-# reference L_orth (Q4, a signed sum of residuals that cancels to ~1e-6): its float32 rounding
-# noise is of its own size, ~1e-6 absolute, so it is compared with an absolute tolerance.
-LOSS_RTOL = 1e-5
-ORTH_ATOL = 1e-5
-PROTOTYPE_ATOL = 1e-5
-
+# 1 and 8 devices are different programs (sharded batch reductions sum in another order): they
+# agree within the tolerances of `tests/numerics.py` (measured there), with identical predictions
+# except counted near-ties (`numerics.PredictionRecorder` in both runs).
 _ONE_DEVICE_RUN = """
 import sys
 import jax
-from ntkcl_jax import train
+from ntkcl_jax import config as config_lib, train
+from tests.numerics import PredictionRecorder
 from tests.tiny_configs import tiny_config
 assert jax.device_count() == 1, jax.devices()
-train.run(tiny_config(), sys.argv[1])
+recorder = PredictionRecorder(config_lib.section_weights(tiny_config()))
+train.run(tiny_config(), sys.argv[1], [recorder])
+recorder.save(sys.argv[2])
 """
 
 
@@ -48,9 +47,10 @@ def eight_devices(cache, tmp_path_factory):
   if jax.device_count() != 8:
     pytest.skip(f"needs the 8 simulated devices of conftest.py, have {jax.device_count()}")
   workdir = tmp_path_factory.mktemp("eight_devices")
+  recorder = numerics.PredictionRecorder(config_lib.section_weights(tc.tiny_config()))
   with tc.compilation_cache(cache):
-    summary = train.run(tc.tiny_config(), workdir)
-  return summary, workdir
+    summary = train.run(tc.tiny_config(), workdir, [recorder])
+  return summary, workdir, recorder.stages
 
 
 def _matrix(summary) -> np.ndarray:
@@ -59,7 +59,7 @@ def _matrix(summary) -> np.ndarray:
 
 
 def test_returned_summary_is_the_written_one(eight_devices):
-  summary, workdir = eight_devices
+  summary, workdir, _ = eight_devices
   written = json.loads((workdir / "summary.json").read_text())
   assert written == metrics._plain(summary)
   for key in ("accuracy_matrix", "avg_acc", "last_acc", "forgetting", "bwt", "config"):
@@ -91,31 +91,35 @@ def test_returned_summary_is_the_written_one(eight_devices):
 
 
 def test_one_device_matches_eight_devices(eight_devices, cache, tmp_path):
-  summary8, workdir8 = eight_devices
+  _, workdir8, predictions8 = eight_devices
   workdir1 = tmp_path / "one_device"
-  tc.run_python(_ONE_DEVICE_RUN, str(workdir1), num_devices=1, cache_dir=cache)
+  tc.run_python(
+    _ONE_DEVICE_RUN, str(workdir1), str(tmp_path / "p.npz"), num_devices=1, cache_dir=cache
+  )
   summary1 = json.loads((workdir1 / "summary.json").read_text())
   assert summary1["num_devices"] == 1
+  # the fields that must differ
+  summary1["num_devices"] = 8
+  summary1["backend"].update(device_count=8, local_device_count=8)
 
-  np.testing.assert_allclose(_matrix(summary1), _matrix(summary8), atol=1e-5, rtol=0)
-  for key in ("avg_acc", "last_acc", "forgetting", "bwt"):
-    assert summary1[key] == pytest.approx(summary8[key], abs=1e-5), key
+  ties, allowance = numerics.near_tie_allowance(
+    numerics.PredictionRecorder.load(tmp_path / "p.npz"), predictions8
+  )
+  print(f"1 vs 8 devices: {ties} near-ties, accuracy allowance {allowance}")
+  written8 = json.loads((workdir8 / "summary.json").read_text())
+  numerics.assert_records_close(summary1, written8, allowance, path="summary")
+  lines1, lines8 = (tc.read_jsonl(w / "metrics.jsonl") for w in (workdir1, workdir8))
+  assert [(x["kind"], x.get("task"), x.get("step")) for x in lines1] == [
+    (x["kind"], x.get("task"), x.get("step")) for x in lines8
+  ]
+  numerics.assert_records_close(lines1, lines8, allowance, path="metrics.jsonl")
 
-  # Below the accuracies: every logged loss term, and the final prototypes.
-  lines1 = [x for x in tc.read_jsonl(workdir1 / "metrics.jsonl") if x["kind"] == "train"]
-  lines8 = [x for x in tc.read_jsonl(workdir8 / "metrics.jsonl") if x["kind"] == "train"]
-  assert [(x["task"], x["step"]) for x in lines1] == [(x["task"], x["step"]) for x in lines8]
-  for a, b in zip(lines1, lines8):
-    assert set(a) == set(b)
-    for term in ("total", "ce_c", "ce_p", "ce_m", "mi", "reg", "grad_norm"):
-      np.testing.assert_allclose(a[term], b[term], rtol=LOSS_RTOL, atol=1e-9, err_msg=term)
-    np.testing.assert_allclose(a["orth"], b["orth"], rtol=0, atol=ORTH_ATOL)
   protos1 = tc.read_checkpoint(workdir1)[0]["prototypes"]
   protos8 = tc.read_checkpoint(workdir8)[0]["prototypes"]
   # rows for all 10 classes of the sequence (whatever max_tasks), 4 seen; D = 2d
   assert protos1.shape == (10, 32) and np.abs(protos8[:4]).sum(1).min() > 0
   assert not protos8[4:].any()
-  np.testing.assert_allclose(protos1, protos8, atol=PROTOTYPE_ATOL, rtol=0)
+  np.testing.assert_allclose(protos1, protos8, atol=numerics.PROTOTYPE_ATOL, rtol=0)
 
 
 @pytest.mark.parametrize("method", ["simplecil", "seq_finetune", "joint"])

@@ -32,6 +32,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from experiments.configs import demo
+from tests import numerics
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 DEMO_CONFIG = REPO / "experiments" / "configs" / "demo.py"
@@ -87,12 +88,13 @@ def subprocess_env(
   num_devices: int = 8, cache_dir: str | os.PathLike | None = None
 ) -> dict[str, str]:
   """Environment for a child Python: CPU, `num_devices` simulated devices, the repo importable,
+  XLA's optimisations as in this process (the numerics guard of `tests/numerics.py` included),
   and (with `cache_dir`) a persistent compilation cache shared by the children."""
   env = dict(os.environ)
   env.update(
-    XLA_FLAGS=f"--xla_force_host_platform_device_count={num_devices}",
+    XLA_FLAGS=numerics.xla_flags(num_devices),
     JAX_PLATFORMS="cpu",
-    JAX_DISABLE_MOST_OPTIMIZATIONS=os.environ.get("JAX_DISABLE_MOST_OPTIMIZATIONS", "1"),
+    JAX_DISABLE_MOST_OPTIMIZATIONS=numerics.optimizations_disabled_env(),
     TF_CPP_MIN_LOG_LEVEL="3",
     PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH", "")])),
   )

@@ -264,6 +264,18 @@ def expected_shapes(spec: ViTSpec) -> dict[str, tuple[int, ...]]:
   return {k: tuple(v.shape) for k, v in _flatten(shapes).items()}
 
 
+def missing_checkpoint(path: str | epath.PathLike) -> str | None:
+  """Why `load_augreg(path, ...)` cannot find its file (with the fix), or None when it exists."""
+  if epath.Path(path).exists():
+    return None
+  return (
+    f"Backbone checkpoint {path} does not exist. Set backbone.checkpoint_path (or the config "
+    "argument weights_dir=<dir>) to a local copy of the AugReg file (e.g. "
+    "B_16-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.0-sd_0.0.npz from gs://vit_models/augreg/); "
+    "checkpoints are never downloaded at run time."
+  )
+
+
 def load_augreg(path: str | epath.PathLike, spec: ViTSpec) -> dict[str, Any]:
   """Reads an AugReg `.npz` into the backbone parameter tree, strictly (SPEC 1.1).
 
@@ -278,13 +290,10 @@ def load_augreg(path: str | epath.PathLike, spec: ViTSpec) -> dict[str, Any]:
     CheckpointMismatchError: the first missing/unexpected key, or the first key whose shape
       differs (both shapes named); `pre_logits/*` (the older ViT-B_16.npz layout) is rejected.
   """
+  missing = missing_checkpoint(path)
+  if missing:
+    raise FileNotFoundError(missing)
   path = epath.Path(path)
-  if not path.exists():
-    raise FileNotFoundError(
-      f"Backbone checkpoint {path} does not exist. Set backbone.checkpoint_path to a local copy of "
-      "the AugReg file (e.g. B_16-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.0-sd_0.0.npz from "
-      "gs://vit_models/augreg/); checkpoints are never downloaded at run time."
-    )
   with path.open("rb") as f:
     with np.load(f, allow_pickle=False) as npz:
       flat = {k: np.asarray(npz[k]) for k in npz.files}

@@ -91,7 +91,10 @@ class ArraySource(SourceBase):
 # Animal-MNIST (PyPI animal-mnist 0.4) and Fashion-MNIST (Debian dataset-fashion-mnist).
 
 
-def _animal_mnist_dir() -> pathlib.Path:
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+
+
+def animal_mnist_dir() -> pathlib.Path:
   spec = importlib.util.find_spec("animal_mnist")  # locates without importing the package
   if spec is None or not spec.submodule_search_locations:
     raise FileNotFoundError(
@@ -102,7 +105,7 @@ def _animal_mnist_dir() -> pathlib.Path:
 
 
 def _load_animal_mnist_arrays() -> tuple[np.ndarray, np.ndarray]:
-  folder = _animal_mnist_dir()
+  folder = animal_mnist_dir()
   arrays = []
   for stem in ("animal_data_version_3.gz", "animal_label_version_3.gz"):
     path = folder / stem
@@ -164,16 +167,11 @@ def _read_idx(path: pathlib.Path, expected_magic: int) -> np.ndarray:
   return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
 
 
-def fashion_mnist(split: str, data_dir: str | os.PathLike = "/usr/share/datasets/fashion-mnist"):
-  """Fashion-MNIST (60,000 train / 10,000 test, 28x28 grayscale, 10 classes) from IDX gzip files.
-
-  Args:
-    split: "train" or "test".
-    data_dir: folder holding ``{train,t10k}-{images-idx3,labels-idx1}-ubyte.gz`` (the Debian
-      package ``dataset-fashion-mnist`` installs them at the default path).
-  Returns:
-    ArraySource; class names `FASHION_MNIST_CLASSES`.
-  """
+def fashion_mnist_files(
+  split: str, data_dir: str | os.PathLike = FASHION_MNIST_DIR
+) -> tuple[pathlib.Path, pathlib.Path]:
+  """(images, labels) IDX gzip paths of a Fashion-MNIST split; FileNotFoundError naming the fix
+  when either is missing."""
   split = _check_split(split)
   data_dir = pathlib.Path(data_dir)
   prefix = "train" if split == "train" else "t10k"
@@ -183,8 +181,22 @@ def fashion_mnist(split: str, data_dir: str | os.PathLike = "/usr/share/datasets
     raise FileNotFoundError(
       f"Fashion-MNIST files not found: expected {img_path.name} and {lbl_path.name} in "
       f"{data_dir}. Install them with `apt-get install dataset-fashion-mnist` (31 MB, MIT; puts "
-      "them in /usr/share/datasets/fashion-mnist) or pass data_dir=<folder with the IDX files>."
+      f"them in {FASHION_MNIST_DIR}) or pass data_dir=<folder with the IDX files>."
     )
+  return img_path, lbl_path
+
+
+def fashion_mnist(split: str, data_dir: str | os.PathLike = FASHION_MNIST_DIR):
+  """Fashion-MNIST (60,000 train / 10,000 test, 28x28 grayscale, 10 classes) from IDX gzip files.
+
+  Args:
+    split: "train" or "test".
+    data_dir: folder holding ``{train,t10k}-{images-idx3,labels-idx1}-ubyte.gz`` (the Debian
+      package ``dataset-fashion-mnist`` installs them at the default path).
+  Returns:
+    ArraySource; class names `FASHION_MNIST_CLASSES`.
+  """
+  img_path, lbl_path = fashion_mnist_files(split, data_dir)
   images = _read_idx(img_path, 2051)
   labels = _read_idx(lbl_path, 2049).astype(np.int64)
   return ArraySource(images, labels, FASHION_MNIST_CLASSES, name=f"fashion_mnist:{split}")

@@ -6,7 +6,12 @@ import dataclasses
 import os
 import pathlib
 
-from ntkcl_jax.data.sources.arrays import animal_mnist, fashion_mnist
+from ntkcl_jax.data.sources.arrays import (
+  animal_mnist,
+  animal_mnist_dir,
+  fashion_mnist,
+  fashion_mnist_files,
+)
 from ntkcl_jax.data.sources.base import _check_split
 from ntkcl_jax.data.sources.domainnet import domainnet_yaml
 from ntkcl_jax.data.sources.files import (
@@ -112,8 +117,65 @@ def make_source(name: str, split: str, data_dir: str | os.PathLike | None = None
   return source
 
 
+def missing_data(name: str, data_dir: str | os.PathLike | None = None) -> str | None:
+  """Why `make_source(name, split, data_dir)` would fail for lack of data, or None: a cheap check of
+  what exists on disk (no image or label is read), so a run can stop before it writes anything.
+
+  Covers both splits. The message says what was looked for, where, and how to get it.
+  """
+  if name not in BENCHMARKS:
+    return f"unknown benchmark {name!r}; valid names: {', '.join(sorted(BENCHMARKS))}."
+  bench = BENCHMARKS[name]
+  try:
+    if bench.kind == "animal_mnist":
+      animal_mnist_dir()
+    elif bench.kind == "fashion_mnist":
+      for split in ("train", "test"):
+        fashion_mnist_files(split, *(() if data_dir is None else (data_dir,)))
+    elif bench.kind == "tfds":
+      return _missing_tfds(bench, data_dir)
+    else:
+      for split in ("train", "test"):
+        _folder_layout(bench, split, data_dir)
+  except (FileNotFoundError, ValueError) as e:
+    return str(e)
+  return None
+
+
+def _missing_tfds(bench: Benchmark, data_dir) -> str | None:
+  import tensorflow_datasets as tfds  # optional, heavy import
+
+  builder = tfds.builder(bench.tfds_name, data_dir=None if not data_dir else str(data_dir))
+  splits = set(builder.info.splits)  # empty until the dataset is prepared there
+  if {"train", "test"} <= splits:
+    return None
+  where = data_dir or "the default TFDS data dir (~/tensorflow_datasets)"
+  return (
+    f"TFDS dataset {bench.tfds_name!r} is not prepared in {where} (looked in {builder.data_dir}; "
+    f"splits found: {sorted(splits) or 'none'}). Get the data: {bench.how_to_get}, then copy the "
+    f"folder {bench.tfds_name}/<version>/ there and pass data_dir=<that TFDS data dir>. Nothing "
+    "is downloaded at run time."
+  )
+
+
 def _folder_benchmark(bench: Benchmark, split: str, data_dir) -> FileSource:
-  if data_dir is None:
+  layout, path = _folder_layout(bench, split, data_dir)
+  data_dir = pathlib.Path(data_dir)
+  if layout == "yaml":
+    return domainnet_yaml(path, data_dir)
+  if layout == "manifest":
+    return ManifestSource(path, data_dir / "classes.txt", data_dir)
+  expected = None
+  other = data_dir / ("test" if split == "train" else "train")
+  if other.is_dir():
+    expected = folder_classes(other)  # both splits must agree, or ids shift
+  return ImageFolderSource(path, class_names=expected)
+
+
+def _folder_layout(bench: Benchmark, split: str, data_dir) -> tuple[str, pathlib.Path]:
+  """("yaml" | "manifest" | "folder", the split's yaml / csv / folder) found in data_dir, in the
+  order of the package docstring; FileNotFoundError (ValueError without data_dir) otherwise."""
+  if not data_dir:
     raise ValueError(
       f"{bench.name} needs data_dir, laid out as\n{_layout_text(pathlib.Path('<data_dir>'), bench.name)}"
     )
@@ -126,14 +188,9 @@ def _folder_benchmark(bench: Benchmark, split: str, data_dir) -> FileSource:
   if not data_dir.is_dir():
     raise FileNotFoundError(missing_msg)
   if bench.name == "domainnet" and (data_dir / f"domainnet_{split}.yaml").exists():
-    return domainnet_yaml(data_dir / f"domainnet_{split}.yaml", data_dir)
+    return "yaml", data_dir / f"domainnet_{split}.yaml"
   if (data_dir / "classes.txt").exists() and (data_dir / f"{split}.csv").exists():
-    return ManifestSource(data_dir / f"{split}.csv", data_dir / "classes.txt", data_dir)
-  split_dir = data_dir / split
-  if not split_dir.is_dir():
+    return "manifest", data_dir / f"{split}.csv"
+  if not (data_dir / split).is_dir():
     raise FileNotFoundError(missing_msg)
-  expected = None
-  other = data_dir / ("test" if split == "train" else "train")
-  if other.is_dir():
-    expected = folder_classes(other)  # both splits must agree, or ids shift
-  return ImageFolderSource(split_dir, class_names=expected)
+  return "folder", data_dir / split

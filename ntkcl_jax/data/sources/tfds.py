@@ -41,7 +41,7 @@ class TFDSSource(SourceBase):
       self._ds = tfds.data_source(
         name, split=split, data_dir=None if data_dir is None else str(data_dir), download=False
       )
-    except (NotImplementedError, FileNotFoundError, AssertionError) as e:
+    except (NotImplementedError, FileNotFoundError, AssertionError, KeyError) as e:
       raise FileNotFoundError(
         f"TFDS dataset {name!r} (split {split!r}) is not prepared in array_record format in "
         f"{data_dir or '~/tensorflow_datasets'}. Prepare it where TensorFlow and the network are "
