@@ -43,6 +43,7 @@ def test_update_compiles_once_for_all_tasks():
   assert ema_lib._blend._cache_size() == compiled  # tasks 1-4 reuse task 0's compilation
 
 
+@pytest.mark.numerics
 def test_update_matches_python_float_rates_bitwise():
   """Traced float32 rates give the same bits as the constant rates of the per-task version."""
   rng = np.random.default_rng(1)

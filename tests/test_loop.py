@@ -180,6 +180,7 @@ def test_backend_info_and_platform_check():
     sharding.backend_info("gpu")
 
 
+@pytest.mark.numerics
 def test_precision_settings_compute_the_same_on_cpu():
   """Why `SCHEMA_ADDITIONS` may say "highest": on CPU every setting gives the same float32."""
   x = jax.random.normal(jax.random.key(0), (32, 200))

@@ -2,7 +2,10 @@
 
 Each process has one CPU device, so the mesh spans 2 devices in 2 processes: batches are split
 between the processes, prototypes and evaluation all-gather across them. The result must match the
-1-process run of the same config (`tiny_configs.reference_cli_run`, 8 devices in one process).
+1-process run of the same config (`tiny_configs.reference_cli_run`, 8 devices in one process),
+within the tolerances of `tests/numerics.py` (2 processes and 1 are different programs). No hook
+can watch a CLI child, so predictions are compared on the last checkpoints
+(`numerics.final_predictions`), and the near-ties found there bound every accuracy.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import subprocess
 import numpy as np
 import pytest
 
+from tests import numerics
 from tests import tiny_configs as tc
 
 
@@ -48,6 +52,7 @@ def _two_processes(tmp_path, workdir, *flags: str) -> tuple[list[str], list[str]
   return stdout, stderr
 
 
+@pytest.mark.numerics
 @pytest.mark.slow
 @pytest.mark.multiprocess
 @pytest.mark.parametrize("seeds", ["0,1", "0,1,2"])
@@ -64,16 +69,19 @@ def test_two_processes_train_stacked_seeds(tmp_path, seeds):
     got = json.loads((workdir / f"seed_{seed}" / "summary.json").read_text())
     want = json.loads((single / "summary.json").read_text())
     assert got["num_processes"] == 2 and got["config"] == want["config"]
+    _, allowance = numerics.near_tie_allowance(
+      numerics.final_predictions(tc.tiny_config(seeds=seeds), workdir, seed=seed),
+      numerics.final_predictions(tc.tiny_config(seed=seed), single),
+    )
     R = lambda s: np.array(s["accuracy_matrix"], dtype=np.float64)  # noqa: E731  (None -> nan)
-    np.testing.assert_allclose(R(got), R(want), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(R(got), R(want), atol=allowance, rtol=0)
     lines_got = tc.read_jsonl(workdir / f"seed_{seed}" / "metrics.jsonl")
     lines_want = tc.read_jsonl(single / "metrics.jsonl")
     assert [x["kind"] for x in lines_got] == [x["kind"] for x in lines_want]  # no duplicates
-    for a, b in zip(lines_got, lines_want):
-      if a["kind"] == "train":
-        np.testing.assert_allclose(a["total"], b["total"], rtol=1e-5, err_msg=f"seed {seed}")
+    numerics.assert_records_close(lines_got, lines_want, allowance, path=f"seed {seed}")
 
 
+@pytest.mark.numerics
 @pytest.mark.slow
 @pytest.mark.multiprocess
 def test_two_processes_match_one_process(tmp_path, tmp_path_factory):
@@ -88,19 +96,15 @@ def test_two_processes_match_one_process(tmp_path, tmp_path_factory):
   assert got["num_processes"] == 2 and got["num_devices"] == 2
   assert want["num_processes"] == 1 and want["num_devices"] == 8
 
-  R = lambda s: np.array(s["accuracy_matrix"], dtype=np.float64)  # noqa: E731  (None -> nan)
-  np.testing.assert_allclose(R(got), R(want), atol=1e-5, rtol=0)
-  for key in ("avg_acc", "last_acc", "forgetting", "bwt"):
-    assert got[key] == pytest.approx(want[key], abs=1e-5), key
-  assert got["config"] == want["config"]
-
+  _, allowance = numerics.near_tie_allowance(
+    numerics.final_predictions(tc.tiny_config(), workdir),
+    numerics.final_predictions(tc.tiny_config(), reference),
+  )
+  for summary in (got, want):  # the fields that must differ
+    for key in ("num_processes", "num_devices", "backend"):
+      summary.pop(key)
+  numerics.assert_records_close(got, want, allowance, path="summary")
   lines_got = tc.read_jsonl(workdir / "metrics.jsonl")
   lines_want = tc.read_jsonl(reference / "metrics.jsonl")
   assert [x["kind"] for x in lines_got] == [x["kind"] for x in lines_want]  # no duplicates
-  for a, b in zip(lines_got, lines_want):
-    if a["kind"] == "train":
-      for term in ("total", "ce_c", "ce_p", "ce_m", "mi", "reg"):
-        np.testing.assert_allclose(a[term], b[term], rtol=1e-5, atol=1e-9, err_msg=term)
-      np.testing.assert_allclose(a["orth"], b["orth"], rtol=0, atol=1e-5)  # see test_train.py
-    else:
-      assert tc.without_timing(a) == tc.without_timing(b)
+  numerics.assert_records_close(lines_got, lines_want, allowance, path="metrics.jsonl")

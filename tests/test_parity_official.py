@@ -75,10 +75,12 @@ def compare(path: pathlib.Path) -> dict[str, tuple[float, str]]:
   return dict(worst)
 
 
+@pytest.mark.numerics
 def test_official_parity_tiny():
   compare(FIXTURES / "parity_tiny.npz")
 
 
+@pytest.mark.numerics
 # Each case costs ~30-50 s on 2 CPU cores, nearly all of it XLA compiling the training step, so
 # the default selection runs one; these two run with `-m slow`.
 @pytest.mark.slow

@@ -99,6 +99,7 @@ def backbone():
   return init_params(tiny_spec(), jax.random.key(42))["backbone"]
 
 
+@pytest.mark.numerics
 def test_vmapped_step_equals_single_seed_steps_and_skips_padding(backbone):
   """K = 3 seeds, 2 steps; seed 2 has one batch, so its second stacked batch is all padding."""
   lr, batch_size = 0.05, 8
@@ -151,6 +152,7 @@ def test_vmapped_step_equals_single_seed_steps_and_skips_padding(backbone):
   )  # the seeds really differ
 
 
+@pytest.mark.numerics
 @pytest.mark.slow
 def test_seed_mesh_4x2_matches_single_device(backbone):
   """K = 4 seeds on 8 devices as 4 x 2: state P("seed"), batch P("seed", "data"), vs 1 device."""
@@ -209,6 +211,7 @@ def test_seed_mesh_4x2_matches_single_device(backbone):
   assert state_diff[1] <= MESH_RTOL and term_diff[1] <= MESH_RTOL and orth_diff <= ORTH_ATOL
 
 
+@pytest.mark.numerics
 @pytest.mark.slow
 def test_vmapped_eval_and_features_equal_single_seed(backbone):
   """The eval function (features, section-weighted prototype logits, top-1/top-5) on K = 3

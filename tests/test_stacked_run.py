@@ -91,6 +91,7 @@ def _allowance(one_device: pathlib.Path, seed: int) -> float:
   return numerics.near_tie_allowance(got, want)[1]
 
 
+@pytest.mark.numerics
 def test_stacked_seeds_equal_their_single_runs(one_device, single_runs, stacked_run):
   """Per seed: the same summary and metrics lines (keys, kinds, tasks, steps, counts), losses
   within LOSS_RTOL, predictions identical but for near-ties, accuracies moved by no more."""
@@ -134,6 +135,7 @@ def test_stacked_run_writes_seed_tables_and_per_seed_checkpoint_meta(stacked_run
   assert state["prototypes"].shape[0] == len(SEEDS)  # every per-run array has the seed axis
 
 
+@pytest.mark.numerics
 def test_load_run_picks_a_seed_of_a_stacked_run(one_device, single_runs, stacked_run):
   single = run_state.load_run(tc.tiny_config(seed=1), single_runs[1])
   stacked = run_state.load_run(tc.tiny_config(seeds="0,1"), stacked_run, seed=1)
@@ -211,6 +213,7 @@ def test_stacked_run_resumes_after_sigkill_on_a_seed_by_data_mesh(eight_devices,
   assert (workdir / "results.md").read_text() == (reference / "results.md").read_text()
 
 
+@pytest.mark.numerics
 def test_ntk_of_a_stacked_seed_equals_its_single_run(single_runs, stacked_run, tmp_path):
   """`measure_checkpoint(..., seed=1)` on the stacked workdir measures the same model as on the
   single run of seed 1: kernels at init identical (the same program on the same initial

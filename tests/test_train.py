@@ -90,6 +90,7 @@ def test_returned_summary_is_the_written_one(eight_devices):
     assert scalars["final/avg_acc"] == [(4, pytest.approx(summary["avg_acc"]))]
 
 
+@pytest.mark.numerics
 def test_one_device_matches_eight_devices(eight_devices, cache, tmp_path):
   _, workdir8, predictions8 = eight_devices
   workdir1 = tmp_path / "one_device"

@@ -216,6 +216,7 @@ def test_summary_section(hook_run):
   json.dumps(summary, default=lambda o: np.asarray(o).tolist())
 
 
+@pytest.mark.numerics
 def test_hook_kernel_equals_direct_empirical_ntk(hook_run):
   """The task_end_2 kernel, recomputed from scratch: restrict_to_subtree + empirical_ntk_fn."""
   spec, params = hook_run["spec"], hook_run["params"]
