@@ -3,6 +3,8 @@ numerics guard (`NTKCL_NUMERICS_GUARD=1`, see `tests/numerics.py`)."""
 
 import os
 
+import pytest
+
 from tests import numerics
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -23,3 +25,14 @@ def pytest_report_header(config):
       f"numerics guard on: JAX_DISABLE_MOST_OPTIMIZATIONS=0, XLA_FLAGS={os.environ['XLA_FLAGS']}"
     )
   return None
+
+
+@pytest.fixture(scope="session", autouse=True)
+def session_compilation_cache(tmp_path_factory):
+  """One persistent compilation cache for the session (per xdist worker): tests that build the
+  same program from different function objects compile it once. The executables are the ones a
+  cold compile makes, so every comparison means what it did without the cache."""
+  from tests import tiny_configs as tc
+
+  with tc.compilation_cache(tc.compile_cache_dir(tmp_path_factory)):
+    yield
