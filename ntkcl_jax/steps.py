@@ -17,7 +17,7 @@ from typing import Any
 import jax
 import optax
 
-from ntkcl_jax.methods import Method
+from ntkcl_jax.methods import Method, ProgramParts
 from ntkcl_jax.models.ntkcl import NTKCL
 from ntkcl_jax.optim import make_optimizer
 from ntkcl_jax.plan import RunPlan
@@ -86,5 +86,5 @@ def build_programs(plan: RunPlan, method: Method, stack: SeedStack) -> Programs:
     features=features,
     seed_features=jit(feature_fn),
     predict=jit(stack.vmap(method.predict_fn(model), (param_axes, 0, None, 0))),
-    extra=method.programs(model, stack, jit, param_axes, features),
+    extra=method.programs(ProgramParts(model, stack, jit, param_axes, features)),
   )

@@ -4,10 +4,18 @@
 `pkg.module:Class`; `build(plan)` makes the run's method. The trainer names no method.
 """
 
-from ntkcl_jax.methods.base import Method, TaskEnd, TaskResult
+from ntkcl_jax.methods.base import Method, ProgramParts, TaskEnd, TaskResult
 from ntkcl_jax.methods.registry import BUILTIN, method_class
 
-__all__ = ["BUILTIN", "Method", "TaskEnd", "TaskResult", "build", "method_class"]
+__all__ = [
+  "BUILTIN",
+  "Method",
+  "ProgramParts",
+  "TaskEnd",
+  "TaskResult",
+  "build",
+  "method_class",
+]
 
 
 def build(plan) -> Method:

@@ -24,12 +24,11 @@ from typing import TYPE_CHECKING, Any
 import jax
 import jax.numpy as jnp
 
-from ntkcl_jax.methods.base import Features, TaskEnd, TaskResult
+from ntkcl_jax.methods.base import Features, ProgramParts, TaskEnd, TaskResult
 from ntkcl_jax.methods.linear import LinearHeadTraining
 from ntkcl_jax.methods.ridge import NOT_STACKED, RidgeReadout
 from ntkcl_jax.models.ntkcl import NTKCL
 from ntkcl_jax.models.vit import VisionTransformer
-from ntkcl_jax.seed_stack import SeedStack
 
 if TYPE_CHECKING:
   from ntkcl_jax.plan import RunPlan
@@ -97,15 +96,8 @@ class RanPAC(FirstSession):
   def init_state(self) -> dict[str, jax.Array]:
     return self.ridge.init_state()
 
-  def programs(
-    self,
-    model: NTKCL,
-    stack: SeedStack,
-    jit: Callable[[Callable[..., Any]], Callable[..., Any]],
-    param_axes: dict[str, Any],
-    features: Callable[..., Any],
-  ) -> dict[str, Callable[..., Any]]:
-    return self.ridge.programs(features)
+  def programs(self, parts: ProgramParts) -> dict[str, Callable[..., Any]]:
+    return self.ridge.programs(parts.features)
 
   def end_of_task(self, end: TaskEnd) -> TaskResult:
     result, new = self.prototype_result(end)

@@ -90,6 +90,23 @@ class TaskEnd:
 
 
 @dataclasses.dataclass(frozen=True)
+class ProgramParts:
+  """What `Method.programs` builds its jitted functions from (`steps.build_programs`).
+
+  Attributes:
+    model: the method's model. stack: the run's seeds (`stack.vmap` over them).
+    jit: jit with the run's matmul precision. param_axes: in_axes of the eval parameters.
+    features: the run's jitted feature function (vmapped over seeds when stacked).
+  """
+
+  model: NTKCL
+  stack: SeedStack
+  jit: Callable[[Callable[..., Any]], Callable[..., Any]]
+  param_axes: dict[str, Any]
+  features: Callable[..., Any]
+
+
+@dataclasses.dataclass(frozen=True)
 class TaskResult:
   """What `end_of_task` returns: run state it replaces, its predictor, per-seed stage fields."""
 
@@ -228,20 +245,8 @@ class Method:
     """(params, prototypes (C, D), num_seen, images) → (top-1, top-k): the cosine classifier."""
     return make_predict_fn(self.feature_fn(model), self.section_weights)
 
-  def programs(
-    self,
-    model: NTKCL,
-    stack: SeedStack,
-    jit: Callable[[Callable[..., Any]], Callable[..., Any]],
-    param_axes: dict[str, Any],
-    features: Callable[..., Any],
-  ) -> dict[str, Callable[..., Any]]:
-    """The method's own jitted functions beyond features and predict (none by default).
-
-    Args:
-      jit: jit with the run's matmul precision. param_axes: in_axes of the eval parameters.
-      features: the run's jitted (vmapped over seeds when stacked) feature function.
-    """
+  def programs(self, parts: ProgramParts) -> dict[str, Callable[..., Any]]:
+    """The method's own jitted functions beyond features and predict (none by default)."""
     return {}
 
   # -- end of task ---------------------------------------------------------------------------------

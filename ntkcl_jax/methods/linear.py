@@ -21,11 +21,10 @@ import optax
 
 from ntkcl_jax import losses
 from ntkcl_jax.evaluate import predictions
-from ntkcl_jax.methods.base import Method, TaskEnd, TaskResult
+from ntkcl_jax.methods.base import Method, ProgramParts, TaskEnd, TaskResult
 from ntkcl_jax.models.ntkcl import NTKCL, ModelSpec
 from ntkcl_jax.models.peft import torch_linear_kernel_init
 from ntkcl_jax.optim import merge
-from ntkcl_jax.seed_stack import SeedStack
 from ntkcl_jax.train_step import TaskInfo, TrainState
 
 
@@ -108,16 +107,11 @@ class LinearHeadTraining(Method):
 class SeqFinetune(LinearHeadTraining):
   """Sequential fine-tuning; predicts with the linear head (no prototypes)."""
 
-  def programs(
-    self,
-    model: NTKCL,
-    stack: SeedStack,
-    jit: Callable[[Callable[..., Any]], Callable[..., Any]],
-    param_axes: dict[str, Any],
-    features: Callable[..., Any],
-  ) -> dict[str, Callable[..., Any]]:
-    in_axes = ({**param_axes, "proxy_head": 0}, None, 0)
-    return {"linear_predict": jit(stack.vmap(make_linear_predict(model), in_axes))}
+  def programs(self, parts: ProgramParts) -> dict[str, Callable[..., Any]]:
+    in_axes = ({**parts.param_axes, "proxy_head": 0}, None, 0)
+    return {
+      "linear_predict": parts.jit(parts.stack.vmap(make_linear_predict(parts.model), in_axes))
+    }
 
   def end_of_task(self, end: TaskEnd) -> TaskResult:
     with_head = {**end.params, "proxy_head": end.state["train"].params["proxy_head"]}

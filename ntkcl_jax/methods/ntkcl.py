@@ -16,10 +16,9 @@ import jax
 import jax.numpy as jnp
 
 from ntkcl_jax.ema import ema_update
-from ntkcl_jax.methods.base import Features, Method, TaskEnd, TaskResult
+from ntkcl_jax.methods.base import Features, Method, ProgramParts, TaskEnd, TaskResult
 from ntkcl_jax.methods.ridge import NOT_STACKED, RidgeReadout
 from ntkcl_jax.models.ntkcl import NTKCL
-from ntkcl_jax.seed_stack import SeedStack
 
 if TYPE_CHECKING:
   from ntkcl_jax.plan import RunPlan
@@ -64,18 +63,13 @@ class NTKCLMethod(Method):
   def init_state(self) -> dict[str, jax.Array]:
     return self.ridge.init_state() if self.ridge else {}
 
-  def programs(
-    self,
-    model: NTKCL,
-    stack: SeedStack,
-    jit: Callable[[Callable[..., Any]], Callable[..., Any]],
-    param_axes: dict[str, Any],
-    features: Callable[..., Any],
-  ) -> dict[str, Callable[..., Any]]:
+  def programs(self, parts: ProgramParts) -> dict[str, Callable[..., Any]]:
     if self.ridge is None:
       return {}
     cpm = self.plan.ridge.features == "cpm"
-    return self.ridge.programs(jit(make_cpm_feature_fn(model)) if cpm else features)
+    return self.ridge.programs(
+      parts.jit(make_cpm_feature_fn(parts.model)) if cpm else parts.features
+    )
 
   def ema_after_task(self, ema: Any, current: Any, task: int, last: bool) -> Any:
     if self.plan.use_ema and (not last or self.plan.quirks.ema_after_last_task):
