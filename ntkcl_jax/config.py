@@ -152,7 +152,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.matmul_precision = "highest"  # default | high | highest (PyTorch float32 = highest)
   c.train.platform = "any"  # any | cpu | gpu | tpu: fail at start when that backend is absent
   c.train.prefetch_batches = 2  # host batches built and placed ahead of the step (>= 1)
-  # Tasks that take training steps (analytic_heads): -1 = all (ranpac/aper: 1, first session).
+  # Tasks that take training steps (Method.adapt_tasks): -1 = the method's (all; ranpac/aper: 1).
   c.train.adapt_tasks = -1
   # Stacked seeds: devices on the "seed" mesh axis; 0 = gcd(devices, seeds) (seeds.seed_layout).
   c.train.seed_axis_size = 0
@@ -169,7 +169,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.alpha = 0.1  # current-bank section weight
   c.eval.beta = 1.0  # PTM section weight
   c.eval.gamma = 0.3  # EMA section weight
-  c.eval.head = "prototypes"  # prototypes | ridge (closed-form RanPAC head on m; analytic_heads)
+  c.eval.head = "prototypes"  # prototypes | ridge (closed-form RanPAC head on m; methods/ridge.py)
 
   # Closed-form ridge head (method=ranpac, or eval.head=ridge): ReLU random projection d -> M.
   c.ridge = ml_collections.ConfigDict()

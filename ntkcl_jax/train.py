@@ -181,7 +181,7 @@ def run(
     backend["jax_version"],
   )
   seed_hooks = _seed_hooks(hooks, plan.seeds)
-  # -- data: the seeds differ only in class order (same splits, tasks, sources) ---------------------
+  # -- data: the seeds differ only in class order (same splits, tasks, sources) --------------------
   streams = build_streams(plan.data, plan.seeds)
   # -- mesh -------------------------------------------------------------------------------------
   batch_sizes = {"train.batch_size": plan.batch_size, "eval.batch_size": plan.eval_batch_size}
