@@ -35,7 +35,8 @@ class Programs:
   Attributes:
     model: the method's model (`NTKCL(method.spec)`). tx: the optimiser (`optimizer(plan)`).
     train_step: (train state, health, frozen, aux, batch, schedule) → (train state, health,
-      terms); donates its first two arguments (`train_step.make_loop_step`).
+      terms); donates its first two arguments (`train_step.make_loop_step`). None for a method
+      that takes no steps (`Method.takes_steps`).
     features: the run's (eval params, images) → features, (K, b, D) when stacked else (b, D).
     seed_features: one seed's (params, images (b, H, W, C)) → (b, D) (what hooks read).
     predict: the run's (eval params, prototypes, num_seen, images) → (top-1, top-k).
@@ -44,7 +45,7 @@ class Programs:
 
   model: NTKCL
   tx: optax.GradientTransformation
-  train_step: Callable[..., Any]
+  train_step: Callable[..., Any] | None
   features: Callable[..., Any]
   seed_features: Callable[..., Any]
   predict: Callable[..., Any]
@@ -62,16 +63,18 @@ def build_programs(plan: RunPlan, method: Method, stack: SeedStack) -> Programs:
   tx = optimizer(plan)
   precision = plan.matmul_precision
   check_aux = plan.quirks.nonfinite_aux == "mask_or_raise"
-  loop_step = make_loop_step(method.train_step(model, tx), check_aux)
   backbone_axis = None if plan.shared_backbone else 0  # in_axes of the backbone in a stacked run
-  if (
-    stack.stacked
-  ):  # (state, health, frozen, aux, batch, schedule): all per seed but a shared backbone
-    loop_step = stack.vmap(
-      skip_empty_batches(loop_step, batch_argnum=4, num_carried=2),
-      (0, 0, {"backbone": backbone_axis, "peft": 0}, 0, 0, 0),
-    )
-  train_step = jax.jit(with_matmul_precision(loop_step, precision), donate_argnums=(0, 1))
+  train_step = None
+  if method.takes_steps:
+    loop_step = make_loop_step(method.train_step(model, tx), check_aux)
+    if (
+      stack.stacked
+    ):  # (state, health, frozen, aux, batch, schedule): per seed but a shared backbone
+      loop_step = stack.vmap(
+        skip_empty_batches(loop_step, batch_argnum=4, num_carried=2),
+        (0, 0, {"backbone": backbone_axis, "peft": 0}, 0, 0, 0),
+      )
+    train_step = jax.jit(with_matmul_precision(loop_step, precision), donate_argnums=(0, 1))
 
   def jit(fn: Callable[..., Any]) -> Callable[..., Any]:
     return jax.jit(with_matmul_precision(fn, precision))

@@ -18,8 +18,9 @@ adapters and a linear head, cross-entropy) on the first `train.adapt_tasks` task
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -29,9 +30,6 @@ from ntkcl_jax.methods.linear import LinearHeadTraining
 from ntkcl_jax.methods.ridge import NOT_STACKED, RidgeReadout
 from ntkcl_jax.models.ntkcl import NTKCL
 from ntkcl_jax.models.vit import VisionTransformer
-
-if TYPE_CHECKING:
-  from ntkcl_jax.plan import RunPlan
 
 
 def adapted_cls_fn(model: NTKCL) -> Features:
@@ -74,9 +72,10 @@ class RanPAC(FirstSession):
 
   accepts_ridge_head = True  # eval.head is ignored: RanPAC always predicts with its ridge head
 
-  def __init__(self, plan: RunPlan):
-    super().__init__(plan)
-    self.ridge = RidgeReadout(plan, plan.spec.vit.width)
+  @functools.cached_property
+  def ridge(self) -> RidgeReadout:
+    """The ridge head on the adapted CLS (built when first used: its projection is drawn)."""
+    return RidgeReadout(self.plan, self.plan.spec.vit.width)
 
   @property
   def supports_stacked_seeds(self) -> bool:

@@ -122,7 +122,6 @@ class Method:
     one_task: the method trains all classes as one task (joint training is a data schedule).
     takes_steps: whether the method trains at all (SimpleCIL does not).
     accepts_ridge_head: whether `eval.head=ridge` applies to it.
-    refresh: the Q6 refresh of old prototype rows (`prototypes.update_after_task`).
   """
 
   one_task: ClassVar[bool] = False

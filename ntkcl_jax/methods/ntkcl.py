@@ -9,8 +9,9 @@ training steps (first-session NTK-CL; later tasks still run EMA, prototypes and 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -19,9 +20,6 @@ from ntkcl_jax.ema import ema_update
 from ntkcl_jax.methods.base import Features, Method, ProgramParts, TaskEnd, TaskResult
 from ntkcl_jax.methods.ridge import NOT_STACKED, RidgeReadout
 from ntkcl_jax.models.ntkcl import NTKCL
-
-if TYPE_CHECKING:
-  from ntkcl_jax.plan import RunPlan
 
 
 def make_cpm_feature_fn(model: NTKCL) -> Features:
@@ -41,16 +39,17 @@ class NTKCLMethod(Method):
 
   accepts_ridge_head = True
 
-  def __init__(self, plan: RunPlan):
-    super().__init__(plan)
-    self.ridge = None
-    if plan.eval_head == "ridge":
-      width = plan.spec.feature_dim * (3 if plan.ridge.features == "cpm" else 1)
-      self.ridge = RidgeReadout(plan, width)
+  @functools.cached_property
+  def ridge(self) -> RidgeReadout | None:
+    """The ridge head of `eval.head=ridge` (built when first used: its projection is drawn)."""
+    if self.plan.eval_head != "ridge":
+      return None
+    width = self.plan.spec.feature_dim * (3 if self.plan.ridge.features == "cpm" else 1)
+    return RidgeReadout(self.plan, width)
 
   @property
   def supports_stacked_seeds(self) -> bool:
-    return self.ridge is None
+    return self.plan.eval_head != "ridge"
 
   @property
   def why_not_stacked(self) -> str:
