@@ -88,8 +88,11 @@ class NTKSettings:
 
   @classmethod
   def from_config(cls, config) -> NTKSettings:
-    from ntkcl_jax import config as config_lib
+    """`config.analysis`, plus the run facts the hook needs from the config's run plan."""
+    from ntkcl_jax import methods
+    from ntkcl_jax import plan as plan_lib
 
+    plan = plan_lib.resolve(config)
     a = config.analysis
     settings = cls(
       seed=int(a.seed),
@@ -105,11 +108,11 @@ class NTKSettings:
       lambda_rel=float(a.lambda_rel),
       kernel=a.kernel,
       tripled=bool(a.get("tripled", False)),
-      section_weights=tuple(config_lib.section_weights(config)),
-      eval_batch_size=int(config.eval.batch_size),
-      epochs=0 if config.method == "simplecil" else int(config.train.epochs),
-      train_batch_size=int(config.train.batch_size),
-      config_hash=config_lib.config_hash(config),
+      section_weights=tuple(plan.section_weights),
+      eval_batch_size=int(plan.eval_batch_size),
+      epochs=int(plan.epochs) if methods.build(plan).takes_steps else 0,
+      train_batch_size=int(plan.batch_size),
+      config_hash=plan.config_hash,
     )
     settings.check()
     return settings

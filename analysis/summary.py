@@ -132,21 +132,10 @@ def analyze(
       task_of[n] = None
   task_end = {task_of[n]: points[n] for n in names if task_of[n] is not None and task_of[n] >= 0}
   final_name = names[-1]
-  final = points[final_name]
-  blocks = final.blocks("all")
-
-  retention = np.full((num_tasks, num_tasks), np.nan)
-  for t, kern in task_end.items():
-    for i in range(t + 1):
-      if i in task_end:
-        retention[t, i] = ck.intra_retention(
-          kern.block(i, i, "all", "all"), task_end[i].block(i, i, "all", "all")
-        )
-
+  blocks = points[final_name].blocks("all")
   kernel, kernel_points, used_mode = _predictor_kernels(points, mode, num_tasks)
   result = ck.sequential_kernel_predictor(kernel, lambda_rel=lambda_rel, mode=used_mode)
   gaps = ck.gap_terms(result)
-  last = num_tasks - 1
   out: dict[str, Any] = {
     "points": names,
     "final_point": final_name,
@@ -156,7 +145,7 @@ def analyze(
     "mean_inter_ratio": {
       n: (records[n].get("mean_inter_ratio") if records and n in records else None) for n in names
     },
-    "intra_retention": retention,
+    "intra_retention": _retention(task_end, num_tasks),
     "predictor": {
       "mode": used_mode,
       "kernel_points": kernel_points,
@@ -175,6 +164,29 @@ def analyze(
       "test_mse": gaps.test_mse,
     },
   }
+  out.update(_forgetting(result, accuracy_matrix, num_tasks))
+  out.update(_sweeps(kernel, first, used_mode, lambda_rel, tripled))
+  return out
+
+
+def _retention(task_end: Mapping[int, ck.BlockKernel], num_tasks: int) -> np.ndarray:
+  """(T, T) intra-task retention of task i's block at the end of task t ≥ i; NaN elsewhere."""
+  retention = np.full((num_tasks, num_tasks), np.nan)
+  for t, kern in task_end.items():
+    for i in range(t + 1):
+      if i in task_end:
+        retention[t, i] = ck.intra_retention(
+          kern.block(i, i, "all", "all"), task_end[i].block(i, i, "all", "all")
+        )
+  return retention
+
+
+def _forgetting(
+  result: ck.PredictorResult, accuracy_matrix: np.ndarray | None, num_tasks: int
+) -> dict[str, Any]:
+  """{"accuracy_correlation" (with a measured R), "forgetting"}: predicted vs measured drops."""
+  last = num_tasks - 1
+  out: dict[str, Any] = {}
   pred_drop = drop_matrix(result.accuracy)
   forgetting: dict[str, Any] = {
     "predicted": result.forgetting[last, :last],
@@ -196,16 +208,26 @@ def analyze(
     forgetting["accuracy_drop_correlation_pairs"] = _corr(pred_drop, meas_drop, False)
     out["accuracy_correlation"] = _corr(result.accuracy, R, True)
   out["forgetting"] = forgetting
+  return out
 
-  sweep_kwargs = {"mode": used_mode}
-  out["lambda_sweep"] = [
-    _sweep_entry(p) for p in ck.lambda_sweep(kernel, ck.LAMBDA_REL_GRID, **sweep_kwargs)
-  ]
-  n_train = min(first.rows(t, "tr").size for t in range(num_tasks))
+
+def _sweeps(
+  kernel: ck.BlockKernel,
+  first: ck.BlockKernel,
+  mode: str,
+  lambda_rel: float,
+  tripled: ck.BlockKernel | None,
+) -> dict[str, Any]:
+  """The λ and sample-size sweeps of the predictor (and of the tripled kernel, if measured)."""
+  out: dict[str, Any] = {
+    "lambda_sweep": [
+      _sweep_entry(p) for p in ck.lambda_sweep(kernel, ck.LAMBDA_REL_GRID, mode=mode)
+    ]
+  }
+  n_train = min(first.rows(t, "tr").size for t in range(first.num_tasks))
   sizes = _sizes(n_train)
   out["sample_size_sweep"] = [
-    _sweep_entry(p)
-    for p in ck.sample_size_sweep(kernel, sizes, lambda_rel=lambda_rel, **sweep_kwargs)
+    _sweep_entry(p) for p in ck.sample_size_sweep(kernel, sizes, lambda_rel=lambda_rel, mode=mode)
   ]
   if tripled is not None:
     entries = ck.sample_size_sweep(tripled, [3 * n for n in sizes], lambda_rel=lambda_rel)

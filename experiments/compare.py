@@ -38,7 +38,7 @@ VARIANTS = {
   "channel_only": ["--config.model.name=channel"],
   "patch_only": ["--config.model.name=patch"],
   "bfloat16": ["--config.model.dtype=bfloat16"],  # reference mode, bf16 compute
-  # -- strong frozen-backbone baselines and NTK-CL variants (ntkcl_jax/analytic_heads.py)
+  # -- strong frozen-backbone baselines and NTK-CL variants (ntkcl_jax/methods/analytic.py)
   "ranpac": ["--config.method=ranpac"],  # first-session adaptation (task 0), RP + ridge
   "ranpac_no_fsa": ["--config.method=ranpac", "--config.train.adapt_tasks=0"],
   "aper": ["--config.method=aper"],  # first-session adapters, [frozen; adapted] prototypes

@@ -1,24 +1,9 @@
-"""First-session and closed-form-head methods in the same harness: RanPAC, APER, a ridge head.
+"""The closed-form ridge head of RanPAC (and NTK-CL's `eval.head=ridge`): statistics, λ, solve.
 
-Config switches (all default to the released behaviour):
-- `method=ranpac` (McDonnell et al., NeurIPS 2023, from the paper's description): optional
-  first-session adaptation (the current bank's channel adapters + a linear head trained with
-  cross-entropy on task 0 only, `train.adapt_tasks`, default 1; 0 = none), then everything frozen;
-  feature f = the adapted channel pass's CLS token (equal to the frozen backbone's without
-  adaptation, since `up` starts at 0); a fixed random ReLU projection h = ReLU(f W_rp),
-  W_rp ~ N(0, 1) (d, `ridge.projection_dim`); ridge classifier W = (G + λI)⁻¹ C from G = Σ hhᵀ,
-  C = Σ hyᵀ accumulated over tasks, λ chosen on held-out training data of the current task
-  (`closed_form.select_lambda`, `ridge.val_fraction`).
-- `method=aper` (Zhou et al. 2023, "Revisiting class-incremental learning with pre-trained
-  models: generalizability and adaptivity are all you need", from the paper's description): the
-  same first-session adaptation (`train.adapt_tasks` default 1), then frozen; prototype of class
-  k = mean of [frozen-backbone CLS; adapted CLS] (2d) over its training images; cosine classifier
-  over that concatenation.
-- `eval.head=ridge` with `method=ntkcl`: the RanPAC head on NTK-CL's test feature m, or with
-  `ridge.features=cpm` on the tripled features [c; p; m] (the
-  prototypes are still formed, since L_MI and L_orth read them in training; only the prediction
-  changes). `train.adapt_tasks=k` with `method=ntkcl`: only the first k tasks take training
-  steps (first-session NTK-CL; later tasks still run EMA, prototypes and evaluation).
+A fixed random ReLU projection h = ReLU(f W_rp), W_rp ~ N(0, 1) (d, `ridge.projection_dim`);
+ridge classifier W = (G + λI)⁻¹ C from G = Σ hhᵀ, C = Σ hyᵀ accumulated over tasks, λ chosen on
+held-out training data of the current task (`closed_form.select_lambda`, `ridge.val_fraction`).
+The methods that use it: `methods.analytic.RanPAC`, `methods.ntkcl` (`methods.ridge`).
 
 The statistics (G, C) are run state: they live in the checkpoint (`STATE_KEYS`) in float32 and are
 accumulated in float64 from the stored float32 values, so a resumed run equals an uninterrupted
@@ -28,96 +13,31 @@ one.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
 from ntkcl_jax import closed_form
-from ntkcl_jax.models.ntkcl import NTKCL
-from ntkcl_jax.models.vit import VisionTransformer
 
-METHODS = ("ranpac", "aper")
-HEADS = ("prototypes", "ridge")
+if TYPE_CHECKING:
+  from ntkcl_jax.plan import RunPlan
+
 STATE_KEYS = ("ridge_G", "ridge_C")
-
-
-def adapt_tasks(config: ml_collections.ConfigDict, num_tasks: int) -> int:
-  """How many leading tasks take training steps (`train.adapt_tasks`; -1: method default)."""
-  k = config.train.adapt_tasks
-  if k < 0:
-    k = 1 if config.method in METHODS else num_tasks
-  return min(k, num_tasks)
-
-
-def uses_ridge(config: ml_collections.ConfigDict) -> bool:
-  return config.method == "ranpac" or (config.method == "ntkcl" and config.eval.head == "ridge")
-
-
-def check_config(config: ml_collections.ConfigDict) -> None:
-  """Raises ValueError for values this module cannot run."""
-  if config.eval.head not in HEADS:
-    raise ValueError(f"eval.head={config.eval.head!r}; valid: {HEADS}.")
-  if config.eval.head == "ridge" and config.method not in ("ntkcl", "ranpac"):
-    raise ValueError(
-      f"eval.head=ridge applies to method=ntkcl (ranpac always uses it), not "
-      f"method={config.method!r}."
-    )
-  if config.ridge.projection_dim < 0 or not 0.0 < config.ridge.val_fraction < 1.0:
-    raise ValueError(
-      f"ridge.projection_dim={config.ridge.projection_dim} must be >= 0 (0: no projection) and "
-      f"ridge.val_fraction={config.ridge.val_fraction} in (0, 1)."
-    )
-
-
-def make_feature_fn(model: NTKCL, method: str) -> Callable[[Any, jax.Array], jax.Array]:
-  """(eval params, images) → the feature `method` classifies with.
-
-  ranpac: the current bank's channel CLS (b, d); aper: [frozen backbone CLS; that] (b, 2d).
-  """
-  d = model.spec.vit.width
-  vit = VisionTransformer(model.spec.vit, dtype=model.spec.dtype)
-
-  def adapted(params, images):
-    return model.apply({"params": params}, images, train=False)["c"][:, -d:]
-
-  if method == "ranpac":
-    return adapted
-
-  def concat(params, images):
-    frozen = vit.apply({"params": params["backbone"]}, images)
-    return jnp.concatenate([frozen, adapted(params, images)], axis=-1)
-
-  return concat
-
-
-def make_ridge_feature_fn(model: NTKCL, choice: str) -> Callable[[Any, jax.Array], jax.Array]:
-  """NTK-CL's ridge input for `ridge.features=cpm`: [c; p; m] (b, 3D), eval mode."""
-  if choice != "cpm" or model.spec.model_name != "both":
-    raise ValueError(f"ridge.features={choice!r} needs model.name=both.")
-
-  def features(params, images):
-    out = model.apply({"params": params}, images, train=False)
-    return jnp.concatenate([out["c"], out["p"], out["m"]], axis=-1)
-
-  return features
 
 
 class RidgeHead:
   """The RanPAC head over a feature function: statistics, λ selection, solve, prediction."""
 
-  def __init__(self, config: ml_collections.ConfigDict, feature_dim: int, num_classes: int):
-    m = config.ridge.projection_dim
-    self.w_rp = (
-      closed_form.random_projection(config.seed + 10_002, feature_dim, m) if m > 0 else None
-    )
+  def __init__(self, plan: RunPlan, feature_dim: int, num_classes: int):
+    """`plan`: reads `plan.ridge.projection_dim`, `plan.ridge.val_fraction` and `plan.seed`."""
+    m = plan.ridge.projection_dim
+    self.w_rp = closed_form.random_projection(plan.seed + 10_002, feature_dim, m) if m > 0 else None
     self.width = m if m > 0 else feature_dim
     self.num_classes = num_classes
-    self.val_fraction = config.ridge.val_fraction
-    self.seed = config.seed
-    self.lambdas: list[float] = []
+    self.val_fraction = plan.ridge.val_fraction
+    self.seed = plan.seed
 
   def init_state(self) -> dict[str, jax.Array]:
     return {

@@ -1,7 +1,8 @@
 """Configuration schema, validation and the quirk table (SPEC 0 "Modes", 4, 8).
 
-Only this module, `main.py` and `train.py` read `ConfigDict`s; everything below them takes the
-plain values built here (`Quirks`, `ModelSpec`, `LossWeights`).
+Only this module, `plan.py`, `main.py` and `train.py` read `ConfigDict`s; everything below them
+takes the run plan (`plan.RunPlan`) built from the plain values here (`Quirks`, `ModelSpec`,
+`LossWeights`).
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from ntkcl_jax import analytic_heads
 from ntkcl_jax import seeds as seeds_lib
 from ntkcl_jax.losses import LossWeights
 from ntkcl_jax.models.ntkcl import REMAT_POLICIES, ModelSpec
@@ -99,7 +99,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.seeds = ""
   c.mode = "reference"
   c.quirks = ml_collections.ConfigDict({k: AUTO for k in QUIRKS})
-  c.method = "ntkcl"  # ntkcl | simplecil | seq_finetune | joint | ranpac | aper (same harness)
+  # ntkcl | simplecil | seq_finetune | joint | ranpac | aper, or a `pkg.module:Class` path
+  c.method = "ntkcl"  # (`methods.registry`)
 
   c.data = ml_collections.ConfigDict()
   c.data.name = "animal_mnist"
@@ -151,7 +152,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.matmul_precision = "highest"  # default | high | highest (PyTorch float32 = highest)
   c.train.platform = "any"  # any | cpu | gpu | tpu: fail at start when that backend is absent
   c.train.prefetch_batches = 2  # host batches built and placed ahead of the step (>= 1)
-  # Tasks that take training steps (analytic_heads): -1 = all (ranpac/aper: 1, first session).
+  # Tasks that take training steps (Method.adapt_tasks): -1 = the method's (all; ranpac/aper: 1).
   c.train.adapt_tasks = -1
   # Stacked seeds: devices on the "seed" mesh axis; 0 = gcd(devices, seeds) (seeds.seed_layout).
   c.train.seed_axis_size = 0
@@ -168,7 +169,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.alpha = 0.1  # current-bank section weight
   c.eval.beta = 1.0  # PTM section weight
   c.eval.gamma = 0.3  # EMA section weight
-  c.eval.head = "prototypes"  # prototypes | ridge (closed-form RanPAC head on m; analytic_heads)
+  c.eval.head = "prototypes"  # prototypes | ridge (closed-form RanPAC head on m; methods/ridge.py)
 
   # Closed-form ridge head (method=ranpac, or eval.head=ridge): ReLU random projection d -> M.
   c.ridge = ml_collections.ConfigDict()
@@ -254,7 +255,6 @@ def section_weights(config: ml_collections.ConfigDict) -> tuple[float, ...]:
 
 
 _CHOICES = {
-  "method": ("ntkcl", "simplecil", "seq_finetune", "joint", "ranpac", "aper"),
   "model.name": ("both", "channel", "patch"),
   "ridge.features": ("m", "cpm"),
   "model.dtype": ("float32", "bfloat16"),
@@ -282,7 +282,18 @@ def _flat(cfg: ml_collections.ConfigDict, prefix: str = "") -> dict[str, Any]:
 
 
 def validate(config: ml_collections.ConfigDict) -> Quirks:
-  """Checks keys, choices and ranges; returns the resolved quirks.
+  """Checks the whole config, the method's settings included (`plan.resolve`); returns the quirks.
+
+  Raises:
+    ValueError: naming the key, the value seen and what is valid.
+  """
+  from ntkcl_jax import plan  # plan builds on this module
+
+  return plan.resolve(config).quirks
+
+
+def check_schema(config: ml_collections.ConfigDict) -> Quirks:
+  """Checks keys, choices and ranges of the method-independent settings; returns the quirks.
 
   Raises:
     ValueError: naming the key, the value seen and what is valid.
@@ -314,10 +325,9 @@ def validate(config: ml_collections.ConfigDict) -> Quirks:
     if got[key] < 1:
       raise ValueError(f"{key}={got[key]} must be >= 1.")
   quirks = resolve_quirks(config.mode, dict(config.quirks))
-  analytic_heads.check_config(config)
-  _check_seeds(config)
-  if config.method == "ntkcl":
-    model_spec(config, quirks)  # geometry checks (Q8) raise here, before any data is read
+  run_seeds(config)
+  if config.train.seed_axis_size < 0:
+    raise ValueError(f"train.seed_axis_size={config.train.seed_axis_size} must be >= 0 (0: auto).")
   return quirks
 
 
@@ -340,20 +350,6 @@ def seed_config(config: ml_collections.ConfigDict, seed: int) -> ml_collections.
   c = ml_collections.ConfigDict(config.to_dict())
   c.seed, c.seeds = int(seed), ""
   return c
-
-
-def _check_seeds(config: ml_collections.ConfigDict) -> None:
-  seeds = run_seeds(config)
-  if config.train.seed_axis_size < 0:
-    raise ValueError(f"train.seed_axis_size={config.train.seed_axis_size} must be >= 0 (0: auto).")
-  if config.seeds and analytic_heads.uses_ridge(config):
-    raise ValueError(
-      f"--config.seeds={config.seeds!r} with method={config.method!r}, "
-      f"eval.head={config.eval.head!r}: the closed-form ridge head runs one seed per process (its "
-      "solve is on the host and its random projection is seeded per run, so a stacked step would "
-      f"save nothing). Run each seed with --config.seed=<s> (experiments/compare.py does), e.g. "
-      f"--config.seed={seeds[0]}."
-    )
 
 
 def config_hash(config: ml_collections.ConfigDict, ignore: tuple[str, ...] = ()) -> str:

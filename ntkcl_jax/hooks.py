@@ -1,7 +1,7 @@
 """Hooks the trainer calls at fixed points, with a read-only view of the run (STYLE 2).
 
-`analysis.hook.NTKHook` is the main implementation; `main.py` composes hooks, `train.py` only
-calls them.
+`analysis.hook.NTKHook` is the main implementation; `main.py` composes hooks, the trainer only
+calls them (`session.RunSession.call_hooks`).
 """
 
 from __future__ import annotations

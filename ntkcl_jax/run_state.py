@@ -18,11 +18,13 @@ import ml_collections
 import numpy as np
 
 from ntkcl_jax import config as config_lib
+from ntkcl_jax import plan as plan_lib
 from ntkcl_jax.checkpoint import RunCheckpoints
 from ntkcl_jax.data import TaskStream, cap_per_class, class_order, make_source
 from ntkcl_jax.data.sources.registry import missing_data
 from ntkcl_jax.models.ntkcl import ModelSpec, init_params
 from ntkcl_jax.models.vit import load_augreg, missing_checkpoint
+from ntkcl_jax.plan import DataPlan, RunPlan
 
 __all__ = [
   "RunState",
@@ -30,7 +32,6 @@ __all__ = [
   "build_streams",
   "initial_params",
   "load_run",
-  "num_tasks",
 ]
 
 
@@ -38,26 +39,26 @@ class MissingInputsError(FileNotFoundError):
   """A run's data or backbone weights are not on disk (raised before anything is written)."""
 
 
-def missing_inputs(config: ml_collections.ConfigDict) -> list[str]:
+def missing_inputs(plan: RunPlan) -> list[str]:
   """What this run needs on disk and lacks: its dataset (both splits) and its backbone weights,
   one line each with the fix. Checks existence only (no image, label or weight is read), so a run
   can stop at start; a compile-only path, which reads neither, does not call it.
   """
   problems = []
-  d = config.data
+  d = plan.data
   why = missing_data(d.name, d.data_dir or None)
   if why:
     problems.append(f"data ({d.name}, --config.data.data_dir={d.data_dir!r}): {why}")
-  path = config.backbone.checkpoint_path
+  path = plan.backbone_path
   why = missing_checkpoint(path) if path else None
   if why:
     problems.append(f"backbone weights (--config.backbone.checkpoint_path): {why}")
   return problems
 
 
-def check_inputs(config: ml_collections.ConfigDict) -> None:
-  """Raises `MissingInputsError` listing everything `missing_inputs(config)` finds."""
-  problems = missing_inputs(config)
+def check_inputs(plan: RunPlan) -> None:
+  """Raises `MissingInputsError` listing everything `missing_inputs(plan)` finds."""
+  problems = missing_inputs(plan)
   if problems:
     raise MissingInputsError(
       "this run's inputs are missing; nothing was written.\n"
@@ -65,12 +66,13 @@ def check_inputs(config: ml_collections.ConfigDict) -> None:
     )
 
 
-def build_streams(config: ml_collections.ConfigDict, seeds: Sequence[int]) -> list[TaskStream]:
+def build_streams(data: DataPlan, seeds: Sequence[int]) -> list[TaskStream]:
   """One task stream per seed over the same sources: each seed's class order (SPEC 2.7).
 
-  The sources of `config.data` are read once; the streams differ only in class order.
+  The sources of `data` (a run plan's `DataPlan`) are read once; the streams differ only in
+  class order.
   """
-  d = config.data
+  d = data
   data_dir = d.data_dir or None
   train = cap_per_class(make_source(d.name, "train", data_dir), d.max_train_per_class)
   test = cap_per_class(make_source(d.name, "test", data_dir), d.max_test_per_class)
@@ -83,9 +85,9 @@ def build_streams(config: ml_collections.ConfigDict, seeds: Sequence[int]) -> li
       train,
       test,
       order=class_order(seed, d.num_classes),
-      init_cls=d.num_classes if config.method == "joint" else d.init_cls,
+      init_cls=d.init_cls,
       increment=d.increment,
-      image_size=config.backbone.image_size,
+      image_size=d.image_size,
       resize_size=d.resize_size,
       crop_scale=(d.crop_scale_min, 1.0),
       value_range=d.value_range,
@@ -96,14 +98,7 @@ def build_streams(config: ml_collections.ConfigDict, seeds: Sequence[int]) -> li
 
 def build_stream(config: ml_collections.ConfigDict) -> TaskStream:
   """Sources, class order (SPEC 2.7) and transforms for `config.data` and `config.seed`."""
-  return build_streams(config, (config.seed,))[0]
-
-
-def num_tasks(config: ml_collections.ConfigDict, stream: TaskStream) -> int:
-  """Tasks the run trains: all of the stream's, or the first `train.max_tasks` (≥ 0)."""
-  if config.train.max_tasks < 0:
-    return stream.num_tasks
-  return min(config.train.max_tasks, stream.num_tasks)
+  return build_streams(plan_lib.resolve(config).data, (config.seed,))[0]
 
 
 def initial_params(
@@ -134,7 +129,7 @@ class RunState:
 
   Attributes:
     config, spec, stream: the run's config, model spec and task stream (`build_stream`).
-    num_tasks: tasks the run trains (`num_tasks`).
+    num_tasks: tasks the run trains (`plan.RunPlan.num_tasks`).
     number: the checkpoint number.
     init: parameters at init (`initial_params`), without proxy head.
     params: evaluation parameters {backbone, peft: {current, ema}, fusion} at the checkpoint.
@@ -188,12 +183,12 @@ def load_run(
     ValueError: `config.method` is not "ntkcl", or `seed` is not one of `config.seeds`.
   """
 
-  if config.method != "ntkcl":
+  plan = plan_lib.resolve(config)
+  if plan.method != "ntkcl":
     raise ValueError(
-      f"load_run rebuilds NTK-CL runs only; this workdir's method is {config.method!r}."
+      f"load_run rebuilds NTK-CL runs only; this workdir's method is {plan.method!r}."
     )
-  quirks = config_lib.validate(config)
-  spec = config_lib.model_spec(config, quirks)
+  spec = plan.spec
   workdir = pathlib.Path(workdir)
   ckpts = RunCheckpoints(workdir, async_save=False)
   try:
@@ -214,8 +209,8 @@ def load_run(
     state = jax.tree_util.tree_map(lambda x: np.asarray(x)[i], state)
     stages = progress["seeds"][i]["stages"]
     config = config_lib.seed_config(config, seed)
-  stream = build_stream(config)
-  total = num_tasks(config, stream)
+  stream = build_streams(plan.data, (config.seed,))[0]
+  total = plan.num_tasks
   init = initial_params(config, spec)
   trained = state["train"]["params"]
   params = {

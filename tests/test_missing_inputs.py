@@ -9,7 +9,7 @@ import importlib
 import pytest
 
 from ntkcl_jax import config as config_lib
-from ntkcl_jax import run_state, train
+from ntkcl_jax import plan, run_state, train
 from ntkcl_jax.models.vit import missing_checkpoint
 from tests import tiny_configs as tc
 
@@ -47,11 +47,13 @@ def test_benchmark_without_data_and_weights_stops_before_writing(name, tmp_path)
 
 def test_weights_alone_missing_names_only_the_weights(tmp_path):
   config = tc.tiny_config(backbone__checkpoint_path=str(tmp_path / "nope.npz"))
-  assert run_state.missing_inputs(config) == [
+  assert run_state.missing_inputs(plan.resolve(config)) == [
     "backbone weights (--config.backbone.checkpoint_path): "
     + missing_checkpoint(str(tmp_path / "nope.npz"))
   ]
-  assert run_state.missing_inputs(tc.tiny_config()) == []  # the demo's data and random backbone
+  assert (
+    run_state.missing_inputs(plan.resolve(tc.tiny_config())) == []
+  )  # the demo's data and random backbone
 
 
 def test_cli_first_run_of_cifar100_with_the_default_data_dir(tmp_path):

@@ -137,6 +137,39 @@ class PredictorResult:
     return self.predictions[t][rows] - self.predictions[s][rows]
 
 
+def _checked_kernels(
+  kernel: BlockKernel | Sequence[BlockKernel], mode: Mode, lambda_rel: float
+) -> tuple[BlockKernel, ...]:
+  """The predictor's kernels (1 for fixed, T for per_task); ValueError for unusable inputs."""
+  if mode == "fixed":
+    if not isinstance(kernel, BlockKernel):
+      raise ValueError("mode='fixed' takes one BlockKernel; pass mode='per_task' for a sequence.")
+    kernels = (kernel,)
+  elif mode == "per_task":
+    kernels = (kernel,) if isinstance(kernel, BlockKernel) else tuple(kernel)
+    if len(kernels) != kernels[0].num_tasks:
+      raise ValueError(
+        f"mode='per_task' needs one BlockKernel per task ({kernels[0].num_tasks}), got {len(kernels)}."
+      )
+    if not all(kernels[0].same_layout(k) for k in kernels[1:]):
+      raise ValueError(
+        "per-task kernels must share one row layout (tasks, splits, labels, class ranges)."
+      )
+  else:
+    raise ValueError(f"mode must be 'fixed' or 'per_task', got {mode!r}.")
+  if not lambda_rel >= 0:
+    raise ValueError(f"lambda_rel must be >= 0, got {lambda_rel}.")
+
+  layout = kernels[0]
+  for t in range(layout.num_tasks):
+    for split in _SPLITS:
+      if layout.rows(t, split).size == 0:
+        raise ValueError(
+          f"task {t} has no '{split}' rows; the predictor needs train and test probes."
+        )
+  return kernels
+
+
 def sequential_kernel_predictor(
   kernel: BlockKernel | Sequence[BlockKernel],
   *,
@@ -172,32 +205,8 @@ def sequential_kernel_predictor(
   Returns:
     `PredictorResult`.
   """
-  if mode == "fixed":
-    if not isinstance(kernel, BlockKernel):
-      raise ValueError("mode='fixed' takes one BlockKernel; pass mode='per_task' for a sequence.")
-    kernels = (kernel,)
-  elif mode == "per_task":
-    kernels = (kernel,) if isinstance(kernel, BlockKernel) else tuple(kernel)
-    if len(kernels) != kernels[0].num_tasks:
-      raise ValueError(
-        f"mode='per_task' needs one BlockKernel per task ({kernels[0].num_tasks}), got {len(kernels)}."
-      )
-    if not all(kernels[0].same_layout(k) for k in kernels[1:]):
-      raise ValueError(
-        "per-task kernels must share one row layout (tasks, splits, labels, class ranges)."
-      )
-  else:
-    raise ValueError(f"mode must be 'fixed' or 'per_task', got {mode!r}.")
-  if not lambda_rel >= 0:
-    raise ValueError(f"lambda_rel must be >= 0, got {lambda_rel}.")
-
+  kernels = _checked_kernels(kernel, mode, lambda_rel)
   layout = kernels[0]
-  for t in range(layout.num_tasks):
-    for split in _SPLITS:
-      if layout.rows(t, split).size == 0:
-        raise ValueError(
-          f"task {t} has no '{split}' rows; the predictor needs train and test probes."
-        )
   num_tasks, num_rows, num_classes = layout.num_tasks, layout.theta.shape[0], layout.num_classes
   targets = task_targets(layout.labels, num_classes, centered=centered)
   f = np.zeros((num_rows, num_classes))
