@@ -41,13 +41,14 @@ state buffers undonated (train step only). `--ablate` runs, per size and PTM set
 optimisations on (the default) against each one changed alone (`ABLATIONS`; a train-only change
 is measured on the train step only), and prints the ratio table.
 
-Baselines for the float32 all_on rows: `--vs-torch` runs, right after each of our (PTM, phase)
-workers, the same configuration of `bench_torch_reference.py` (the official NTK-CL step's
-computation in PyTorch; needs `pip install torch==2.13.0`) and prints ours/PyTorch ratios of
-images/s and peak RSS from the same run; rounds alternate the order. The figures quoted in the
-performance targets (`REFERENCE`, measured on other 2-core CPUs) are printed too, for orientation.
+Baseline for the float32 all_on rows: `--vs-official DIR` runs, right after each of our (PTM,
+phase) workers, the official NTK-CL step itself (`experiments/parity/bench_official.py`: the
+released code, unmodified, through the parity stand-ins; needs `pip install torch==2.13.0`) and
+prints ours/official ratios of images/s and peak RSS from the same run; rounds alternate the
+order. (The project's own PyTorch re-implementation of the step, `--vs-torch`, was retired in
+favour of the official code.) The figures quoted in the performance targets (`REFERENCE`,
+measured on other 2-core CPUs) are printed too, for orientation.
 
-  python experiments/bench_step.py --size vitb --vs-torch --rounds 2 --json   # side by side
   python experiments/bench_step.py --size vitb --vs-official /tmp/ntkcl_official --rounds 2  # the
       # official step itself (experiments/parity/bench_official.py), same run, alternating order
 """
@@ -72,7 +73,7 @@ from experiments.bench_step_tables import (  # noqa: F401  (REFERENCE, best_of_r
   best_of_rounds,
   print_reference,
   print_results,
-  print_vs_torch,
+  print_vs_baseline,
   variant,
 )
 from experiments.bench_step_worker import (  # noqa: F401  (SIZES, analytic_flops: API)
@@ -85,7 +86,6 @@ from experiments.bench_step_worker import (  # noqa: F401  (SIZES, analytic_flop
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 BASELINES = {  # framework -> worker script (PyTorch workers: no JAX imported there)
-  "torch": os.path.join(HERE, "bench_torch_reference.py"),
   "official": os.path.join(HERE, "parity", "bench_official.py"),
 }
 
@@ -103,9 +103,8 @@ def dot_rate(n: int, dtype: str, repeats: int) -> dict[str, Any]:
 def run_baseline(
   framework: str, cfg: dict[str, Any], timeout: float, **extra: Any
 ) -> dict[str, Any]:
-  """A PyTorch baseline's worker (`BASELINES`: `bench_torch_reference.py`, the official step's
-  computation; `parity/bench_official.py`, the released code itself, unmodified, through the
-  parity stand-ins) for the same size, PTM, phase, repeats and batch, in its own process with all
+  """A PyTorch baseline's worker (`BASELINES`: `parity/bench_official.py`, the released code
+  itself, unmodified, through the parity stand-ins) for the same size, PTM, phase, repeats and batch, in its own process with all
   CPU threads, tagged as this script's all_on float32 configuration."""
   keys = ("size", "ptm", "phase", "repeats", "batch")
   bcfg = {**{k: cfg[k] for k in keys}, "threads": os.cpu_count() or 1, **extra}
@@ -134,9 +133,6 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--worker-timeout", type=float, default=3600.0)
   p.add_argument("--json", action="store_true", help="print one JSON object on the last line")
   p.add_argument(
-    "--vs-torch", action="store_true", help="time bench_torch_reference.py's step beside ours"
-  )
-  p.add_argument(
     "--vs-official",
     metavar="DIR",
     default=None,
@@ -154,12 +150,8 @@ def main(argv: list[str] | None = None) -> int:
   if args.worker:
     return bench_util.serve_worker(run_worker, args.worker)
 
-  if args.vs_torch and importlib.util.find_spec("torch") is None:
-    p.error("--vs-torch needs PyTorch: pip install torch==2.13.0 (the CPU wheel)")
   if args.vs_official and importlib.util.find_spec("torch") is None:
     p.error("--vs-official needs PyTorch: pip install torch==2.13.0 (the CPU wheel)")
-  if args.vs_torch and args.no_subprocess:
-    p.error("--vs-torch compares per-process peak memory: drop --no-subprocess")
 
   import jax
 
@@ -192,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
   }
   dots_before = bench_util.dot_rates(dot_fns, "before")
 
-  results, torch_results, official_results = [], [], []
+  results, official_results = [], []
   # Rounds alternate the variant order (A B C D, D C B A, ...); tables use each best round.
   for rnd in range(args.rounds):
     order = bench_util.alternate(variants, rnd)
@@ -210,19 +202,16 @@ def main(argv: list[str] | None = None) -> int:
         **sw,
       }
       baseline = dtype == "float32" and variant(sw) == "all_on"
-      frameworks = ["jax"] + (["torch"] if args.vs_torch and baseline else [])
-      frameworks += ["official"] if args.vs_official and baseline else []
+      frameworks = ["jax"] + (["official"] if args.vs_official and baseline else [])
       for framework in bench_util.alternate(frameworks, rnd):
         t0 = time.perf_counter()
         if framework == "jax":
           r = bench_util.run_config(
             __file__, run_worker, cfg, not args.no_subprocess, args.worker_timeout
           )
-        elif framework == "official":
-          r = run_baseline(framework, cfg, args.worker_timeout, official=args.vs_official)
         else:
-          r = run_baseline(framework, cfg, args.worker_timeout)
-        {"jax": results, "torch": torch_results, "official": official_results}[framework].append(r)
+          r = run_baseline(framework, cfg, args.worker_timeout, official=args.vs_official)
+        (results if framework == "jax" else official_results).append(r)
         label = f"{framework} {size} ptm={ptm} {dtype} {variant(sw)} {phase}"
         print(bench_util.progress_line(time.perf_counter() - t0, rnd, label, r), flush=True)
 
@@ -239,8 +228,7 @@ def main(argv: list[str] | None = None) -> int:
   )
   print_results(results, dots, dots_cpu)
   ref_rows = print_reference(results)
-  torch_rows = print_vs_torch(results, torch_results)
-  official_rows = print_vs_torch(
+  official_rows = print_vs_baseline(
     results, official_results, "the official NTK-CL step itself (torch column = official)"
   )
   abl_rows = ablation_table(results) if args.ablate else []
@@ -253,8 +241,6 @@ def main(argv: list[str] | None = None) -> int:
       **bench_util.dot_fields(dots_before, dots_after, dots, dots_cpu),
       "results": results,
       "reference": ref_rows,
-      "torch_results": torch_results,
-      "vs_torch": torch_rows,
       "official_results": official_results,
       "vs_official": official_rows,
       "ablation": abl_rows,

@@ -128,12 +128,12 @@ def print_reference(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
   return rows
 
 
-def print_vs_torch(
-  results: list[dict[str, Any]],
-  torch_results: list[dict[str, Any]],
-  label: str = "the official step's computation in PyTorch",
+def print_vs_baseline(
+  results: list[dict[str, Any]], torch_results: list[dict[str, Any]], label: str
 ) -> list:
-  """ours / PyTorch (same run, best round each) of images/s and peak RSS, per PTM and phase."""
+  """ours / a PyTorch baseline (same run, best round each) of images/s and peak RSS, per PTM and
+  phase. The baseline's fields keep the `torch_` prefix of the results files
+  (`experiments/results/perf/vitb_vs_official_*.json`)."""
   ours = {
     (r["size"], r["ptm"], r["phase"]): r
     for r in best_of_rounds(results)

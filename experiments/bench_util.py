@@ -4,7 +4,7 @@ Each benchmark runs every configuration in a fresh worker process (`run_worker_p
 peak RSS it reports is that configuration's own; the worker prints one line
 ``BENCH_RESULT <json>`` that the parent reads back.
 
-Pure Python (no JAX, no NumPy): `bench_torch_reference.py` and `parity/bench_official.py` import
+Pure Python (no JAX, no NumPy): `parity/bench_official.py` imports
 it in PyTorch workers whose peak RSS is the measurement.
 """
 

@@ -6,7 +6,7 @@ depend on them), at a mid-stream task like `bench_step.py` (k_t old classes with
 prototypes, s_t new). One train call = the official `_train` on a one-batch loader (SGD and cosine
 scheduler creation, `_init_train`'s loop body: forward, losses, backward, `optimizer.step`,
 `loss.item()`), dropout as released. One eval call = `_eval_results` on one batch (eval forward,
-top-k, task-id bookkeeping). Timed and reported like `bench_torch_reference.py`
+top-k, task-id bookkeeping). Timed and reported like our own step
 (`bench_util.time_calls`: `img_s`, `median_s`, `peak_rss_bytes`).
 """
 
