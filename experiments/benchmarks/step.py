@@ -2,10 +2,10 @@
 
 Commands (from the repository root)::
 
-  python experiments/bench_step.py --size tiny                       # demo geometry, quick
-  python experiments/bench_step.py --size vitb --repeats 3           # ViT-B/16 224 px, batch 16
-  python experiments/bench_step.py --size all --ablate --json        # per-change table, JSON last
-  python experiments/bench_step.py --size vitb --ptm off --dtype bfloat16 --repeats 2
+  python -m experiments.benchmarks step --size tiny                       # demo geometry, quick
+  python -m experiments.benchmarks step --size vitb --repeats 3           # ViT-B/16 224 px, batch 16
+  python -m experiments.benchmarks step --size all --ablate --json        # per-change table, JSON last
+  python -m experiments.benchmarks step --size vitb --ptm off --dtype bfloat16 --repeats 2
 
 What is measured, per configuration (size × PTM pass × dtype × optimisation switches) and phase:
 
@@ -24,10 +24,10 @@ temporary buffer (`compiled.memory_analysis().temp_size_in_bytes`) is printed to
 matmul rate (a jitted n×n @ n×n dot, 2n³ FLOPs, float32 and bfloat16) is measured in this process
 on the same device, before and after the configurations, to turn FLOP/s into a utilisation ratio.
 
-Layout: this file is the CLI and the parent (matmul rate, configurations, rounds, baselines);
-`bench_step_worker.py` builds and times one (configuration, phase) and holds the sizes, switches and
-`analytic_flops`; `bench_step_tables.py` prints the tables; `bench_util.py` has the timing loop,
-memory fields, worker processes and JSON output shared with the PyTorch baselines.
+Layout: this module is the subcommand and the parent (matmul rate, configurations, rounds,
+baselines); `stepcase.py` builds and times one (configuration, phase) and holds the sizes, switches
+and `analytic_flops`; `step_tables.py` prints the tables; `harness.py` has the timing loop, memory
+fields, worker processes and JSON output shared with the PyTorch baseline.
 
 FLOPs per image come from XLA (`compiled.cost_analysis()["flops"]` / batch; it counts a dot as
 2·M·N·K plus one per elementwise op) and from the analytic count of `analytic_flops` (matmuls
@@ -49,7 +49,7 @@ order. (The project's own PyTorch re-implementation of the step, `--vs-torch`, w
 favour of the official code.) The figures quoted in the performance targets (`REFERENCE`,
 measured on other 2-core CPUs) are printed too, for orientation.
 
-  python experiments/bench_step.py --size vitb --vs-official /tmp/ntkcl_official --rounds 2  # the
+  python -m experiments.benchmarks step --size vitb --vs-official /tmp/ntkcl_official --rounds 2  # the
       # official step itself (experiments/parity/bench_official.py), same run, alternating order
 """
 
@@ -59,14 +59,11 @@ import argparse
 import importlib.util
 import itertools
 import os
-import pathlib
-import sys
 import time
 from typing import Any
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from experiments import bench_util
-from experiments.bench_step_tables import (  # noqa: F401  (REFERENCE, best_of_rounds: API)
+from experiments.benchmarks import harness
+from experiments.benchmarks.step_tables import (  # noqa: F401  (REFERENCE, best_of_rounds: API)
   ABLATIONS,
   REFERENCE,
   ablation_table,
@@ -76,7 +73,7 @@ from experiments.bench_step_tables import (  # noqa: F401  (REFERENCE, best_of_r
   print_vs_baseline,
   variant,
 )
-from experiments.bench_step_worker import (  # noqa: F401  (SIZES, analytic_flops: API)
+from experiments.benchmarks.stepcase import (  # noqa: F401  (SIZES, analytic_flops: API)
   SIZES,
   SWITCH_DEFAULTS,
   TRAIN_ONLY,
@@ -84,20 +81,20 @@ from experiments.bench_step_worker import (  # noqa: F401  (SIZES, analytic_flop
   run_worker,
 )
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-BASELINES = {  # framework -> worker script (PyTorch workers: no JAX imported there)
-  "official": os.path.join(HERE, "parity", "bench_official.py"),
+WORKER = "experiments.benchmarks.stepcase:run_worker"
+BASELINES = {  # framework -> worker (PyTorch workers: no JAX imported there)
+  "official": "experiments.parity.bench_official:run_worker",
 }
 
 
 def dot_rate(n: int, dtype: str, repeats: int) -> dict[str, Any]:
-  """FLOP/s of a jitted (n, n) @ (n, n) dot in `dtype` (`bench_util.matmul_rate`)."""
+  """FLOP/s of a jitted (n, n) @ (n, n) dot in `dtype` (`harness.matmul_rate`)."""
   import jax
   import jax.numpy as jnp
 
   a, b = (jax.random.normal(jax.random.key(i), (n, n), jnp.dtype(dtype)) for i in (0, 1))
   f = jax.jit(jnp.dot)
-  return bench_util.matmul_rate(lambda: jax.block_until_ready(f(a, b)), n, dtype, repeats)
+  return harness.matmul_rate(lambda: jax.block_until_ready(f(a, b)), n, dtype, repeats)
 
 
 def run_baseline(
@@ -108,12 +105,12 @@ def run_baseline(
   CPU threads, tagged as this script's all_on float32 configuration."""
   keys = ("size", "ptm", "phase", "repeats", "batch")
   bcfg = {**{k: cfg[k] for k in keys}, "threads": os.cpu_count() or 1, **extra}
-  r = bench_util.run_worker_process(BASELINES[framework], bcfg, timeout)
+  r = harness.run_worker_process(BASELINES[framework], bcfg, timeout)
   return {**r, "dtype": "float32", **SWITCH_DEFAULTS, "framework": framework}
 
 
-def main(argv: list[str] | None = None) -> int:
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def add_arguments(p: argparse.ArgumentParser) -> None:
+  """The `step` subcommand's options."""
   p.add_argument("--size", choices=("vitb", "tiny", "all"), default="tiny")
   p.add_argument("--ptm", choices=("off", "on", "both"), default="both", help="PTM pass")
   p.add_argument("--dtype", default="float32", help="float32, bfloat16 or both comma-separated")
@@ -142,13 +139,12 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument(
     "--xla-flags", default=None, help="extra XLA_FLAGS for this run and its workers (appended)"
   )
-  p.add_argument("--worker", help=argparse.SUPPRESS)
-  args = p.parse_args(argv)
+
+
+def run(args: argparse.Namespace, p: argparse.ArgumentParser) -> int:
+  """Runs the `step` benchmark; `p.error` reports a bad option combination."""
   if args.xla_flags:
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {args.xla_flags}".strip()
-
-  if args.worker:
-    return bench_util.serve_worker(run_worker, args.worker)
 
   if args.vs_official and importlib.util.find_spec("torch") is None:
     p.error("--vs-official needs PyTorch: pip install torch==2.13.0 (the CPU wheel)")
@@ -182,12 +178,12 @@ def main(argv: list[str] | None = None) -> int:
   dot_fns = {
     d: (lambda d=d: dot_rate(args.dot_size, d, args.dot_repeats)) for d in ("float32", "bfloat16")
   }
-  dots_before = bench_util.dot_rates(dot_fns, "before")
+  dots_before = harness.dot_rates(dot_fns, "before")
 
   results, official_results = [], []
   # Rounds alternate the variant order (A B C D, D C B A, ...); tables use each best round.
   for rnd in range(args.rounds):
-    order = bench_util.alternate(variants, rnd)
+    order = harness.alternate(variants, rnd)
     for size, ptm, dtype, sw, phase in itertools.product(sizes, ptms, dtypes, order, phases):
       if args.ablate and phase == "eval" and any(sw[k] != SWITCH_DEFAULTS[k] for k in TRAIN_ONLY):
         continue  # the eval step is the all_on one
@@ -203,20 +199,18 @@ def main(argv: list[str] | None = None) -> int:
       }
       baseline = dtype == "float32" and variant(sw) == "all_on"
       frameworks = ["jax"] + (["official"] if args.vs_official and baseline else [])
-      for framework in bench_util.alternate(frameworks, rnd):
+      for framework in harness.alternate(frameworks, rnd):
         t0 = time.perf_counter()
         if framework == "jax":
-          r = bench_util.run_config(
-            __file__, run_worker, cfg, not args.no_subprocess, args.worker_timeout
-          )
+          r = harness.run_config(WORKER, cfg, not args.no_subprocess, args.worker_timeout)
         else:
           r = run_baseline(framework, cfg, args.worker_timeout, official=args.vs_official)
         (results if framework == "jax" else official_results).append(r)
         label = f"{framework} {size} ptm={ptm} {dtype} {variant(sw)} {phase}"
-        print(bench_util.progress_line(time.perf_counter() - t0, rnd, label, r), flush=True)
+        print(harness.progress_line(time.perf_counter() - t0, rnd, label, r), flush=True)
 
-  dots_after = bench_util.dot_rates(dot_fns, "after")
-  larger = {d: bench_util.larger_rate(dots_before[d], dots_after[d]) for d in dots_before}
+  dots_after = harness.dot_rates(dot_fns, "after")
+  larger = {d: harness.larger_rate(dots_before[d], dots_after[d]) for d in dots_before}
   dots = {d: rate for d, (rate, _) in larger.items()}
   dots_cpu = {d: per_cpu for d, (_, per_cpu) in larger.items()}
   print(
@@ -232,13 +226,13 @@ def main(argv: list[str] | None = None) -> int:
     results, official_results, "the official NTK-CL step itself (torch column = official)"
   )
   abl_rows = ablation_table(results) if args.ablate else []
-  return bench_util.finish(
+  return harness.finish(
     args.json,
     {
       "device": f"{dev.platform} {dev.device_kind}",
       "jax": jax.__version__,
       "xla_flags": os.environ.get("XLA_FLAGS", ""),
-      **bench_util.dot_fields(dots_before, dots_after, dots, dots_cpu),
+      **harness.dot_fields(dots_before, dots_after, dots, dots_cpu),
       "results": results,
       "reference": ref_rows,
       "official_results": official_results,
@@ -246,7 +240,3 @@ def main(argv: list[str] | None = None) -> int:
       "ablation": abl_rows,
     },
   )
-
-
-if __name__ == "__main__":
-  sys.exit(main())

@@ -1,9 +1,10 @@
-"""Worker of `bench_step.py`: builds, compiles and times one (configuration, phase) of the jitted
-NTK-CL train or eval step, in its own process (`bench_step.py --worker <cfg json>`); plus the
-sizes, the optimisation switches and the analytic FLOP count of the step.
+"""The `step` benchmark's case: builds, compiles and times one (configuration, phase) of the jitted
+NTK-CL train or eval step, in its own process (`run_worker`, through `harness`); plus the sizes,
+the optimisation switches and the analytic FLOP count of the step. Shared by `step`, `ab` and
+`profile`.
 
-What is measured is described in `bench_step.py`'s docstring; the timing loop, the memory
-fields and the worker protocol are `bench_util`'s.
+What is measured is described in `step.py`'s docstring; the timing loop, the memory fields and
+the worker protocol are `harness`'s.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import os
 import time
 from typing import Any
 
-from experiments import bench_util
+from experiments.benchmarks import harness
 
 SIZES = {
   # name -> (ViTSpec kwargs, batch, num_classes C, task (k_t, s_t), fixed_197_tokens)
@@ -195,7 +196,7 @@ def build_phase(cfg: dict[str, Any]) -> dict[str, Any]:
   Returns {"fn": the `jax.jit` function, "args": its arguments (train: state, frozen, aux,
   batch, key, lr; eval: params, prototypes, num_seen, images), "keys": per-call keys (train),
   "spec", "batch_size", "num_classes", "head_width", "init_s", "rss_after_init_bytes"}. Used by
-  `run_worker` and by `profile_step.py`.
+  `run_worker`, `ab.py` and `profiling.py`.
   """
   import jax
   import jax.numpy as jnp
@@ -233,7 +234,7 @@ def build_phase(cfg: dict[str, Any]) -> dict[str, Any]:
     "num_classes": num_classes,
     "head_width": s_t,
     "init_s": time.perf_counter() - t0,
-    "rss_after_init_bytes": bench_util.proc_status_bytes("VmRSS"),
+    "rss_after_init_bytes": harness.proc_status_bytes("VmRSS"),
     "keys": None,
   }
 
@@ -273,7 +274,7 @@ def build_phase(cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 def make_call(built: dict[str, Any], compiled) -> Any:
-  """call(i) for `bench_util.time_calls`: one finished call of `compiled` on `built`'s inputs
+  """call(i) for `harness.time_calls`: one finished call of `compiled` on `built`'s inputs
   (train: the state is carried from call to call, as it is donated; call i uses key i)."""
   import jax
 
@@ -304,7 +305,7 @@ def run_worker(cfg: dict[str, Any]) -> dict[str, Any]:
   compiled = built["fn"].lower(*built["args"]).compile()
   compile_s = time.perf_counter() - t0
 
-  first, timing = bench_util.time_calls(make_call(built, compiled), cfg["repeats"], batch_size)
+  first, timing = harness.time_calls(make_call(built, compiled), cfg["repeats"], batch_size)
   finite = None
   if cfg["phase"] == "train":
     finite = bool(np.isfinite(float(first["total"])))
@@ -328,7 +329,7 @@ def run_worker(cfg: dict[str, Any]) -> dict[str, Any]:
       else analytic_flops(spec, built["num_classes"], built["head_width"], batch_size)[cfg["phase"]]
     ),
     "xla_temp_bytes": getattr(mem, "temp_size_in_bytes", None),
-    "peak_rss_bytes": bench_util.peak_rss_bytes(),
+    "peak_rss_bytes": harness.peak_rss_bytes(),
     "rss_after_init_bytes": built["rss_after_init_bytes"],
     "device_peak_bytes": stats.get("peak_bytes_in_use"),
     "loss_finite": finite,

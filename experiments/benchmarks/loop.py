@@ -20,9 +20,9 @@ Three measurements in one process:
    one-thread host batch time, so one thread cannot keep up), and reports the ratio achieved vs
    the step alone for n = 1 .. --max-threads and the smallest n with ratio >= 0.95.
 
-  python experiments/bench_loop.py                       # demo geometry, about 3-5 min on 2 cores
-  python experiments/bench_loop.py --json                # ... and one JSON object, printed last
-  python experiments/bench_loop.py --override train.batch_size=64 --pipeline-images 256
+  python -m experiments.benchmarks loop                       # demo geometry, about 3-5 min on 2 cores
+  python -m experiments.benchmarks loop --json                # ... and one JSON object, printed last
+  python -m experiments.benchmarks loop --override train.batch_size=64 --pipeline-images 256
 
 Timings on a shared machine are noisy: compare ratios within one run, not across runs.
 """
@@ -37,7 +37,6 @@ import math
 import os
 import platform
 import statistics
-import sys
 import tempfile
 import time
 from typing import Any
@@ -46,18 +45,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-  sys.path.insert(0, ROOT)
-
-from experiments import bench_util  # noqa: E402
-from ntkcl_jax import config as config_lib  # noqa: E402
-from ntkcl_jax import losses, run_state, sharding, train  # noqa: E402
-from ntkcl_jax.data import ArraySource, TaskStream, class_order  # noqa: E402
-from ntkcl_jax.data.prefetch import prefetch  # noqa: E402
-from ntkcl_jax.models.ntkcl import NTKCL, init_params  # noqa: E402
-from ntkcl_jax.optim import make_optimizer  # noqa: E402
-from ntkcl_jax.train_step import (  # noqa: E402
+from experiments.benchmarks import harness
+from ntkcl_jax import config as config_lib
+from ntkcl_jax import losses, run_state, sharding, train
+from ntkcl_jax.data import ArraySource, TaskStream, class_order
+from ntkcl_jax.data.prefetch import prefetch
+from ntkcl_jax.models.ntkcl import NTKCL, init_params
+from ntkcl_jax.optim import make_optimizer
+from ntkcl_jax.train_step import (
   Health,
   TaskInfo,
   TaskSchedule,
@@ -70,11 +65,11 @@ from ntkcl_jax.train_step import (  # noqa: E402
   with_matmul_precision,
 )
 
-DEMO = os.path.join(ROOT, "experiments", "configs", "demo.py")
+DEMO = os.path.join(harness.ROOT, "experiments", "configs", "demo.py")
 
 
 def cpu_model() -> str:
-  return bench_util.cpu_name(platform.processor() or "unknown")
+  return harness.cpu_name(platform.processor() or "unknown")
 
 
 def load_config(spec: str, overrides: list[str]):
@@ -301,8 +296,8 @@ def threads_needed(per_core_img_s: float, batch_size: int, step_ms: float) -> in
   return math.ceil(batch_size / (step_ms / 1e3) / per_core_img_s)
 
 
-def main() -> None:
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+def add_arguments(p: argparse.ArgumentParser) -> None:
+  """The `loop` subcommand's options."""
   p.add_argument("--config", default=DEMO, help="config file[:args] for the loop measurement")
   p.add_argument("--override", action="append", default=[], help="key=value (repeatable)")
   p.add_argument("--repeats", type=int, default=2, help="trainer runs (alternating with steps)")
@@ -321,7 +316,10 @@ def main() -> None:
     "--step-ms", type=float, action="append", default=[], help="also size threads for these steps"
   )
   p.add_argument("--json", action="store_true", help="print one JSON object last")
-  args = p.parse_args()
+
+
+def run(args: argparse.Namespace, p: argparse.ArgumentParser) -> int:
+  """Runs the `loop` benchmark; `p.error` reports a bad option."""
 
   out: dict[str, Any] = {
     "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
@@ -364,6 +362,7 @@ def main() -> None:
   out["load_avg_end"] = os.getloadavg()[0]
   if args.json:
     print(json.dumps(out, default=str))
+  return 0
 
 
 def host_part(args, out: dict[str, Any]) -> None:
@@ -393,7 +392,3 @@ def host_part(args, out: dict[str, Any]) -> None:
     f" ratio by threads {[(m['threads'], round(m['ratio'], 3)) for m in f['measured']]}; "
     f">= 0.95 with {f['threads_for_095']} thread(s) (estimate {f['threads_estimate']})"
   )
-
-
-if __name__ == "__main__":
-  main()

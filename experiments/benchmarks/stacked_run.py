@@ -3,10 +3,10 @@
 Commands (from the repository root)::
 
   # K seeds stacked (`--config.seeds`) vs the same K seeds one run after another, demo config
-  python experiments/bench_stacked_run.py speed --seeds 0,1,2,3,4 --rounds 2 \\
+  python -m experiments.benchmarks stacked-run speed --seeds 0,1,2,3,4 --rounds 2 \\
     --extra "--config.analysis.enabled=False --config.train.epochs=1" --out /tmp/bench_stacked
   # 4 seeds on 8 simulated CPU devices (4 x 2 mesh) vs on 1 device
-  python experiments/bench_stacked_run.py mesh --seeds 0,1,2,3 --out /tmp/bench_mesh
+  python -m experiments.benchmarks stacked-run mesh --seeds 0,1,2,3 --out /tmp/bench_mesh
 
 `speed`: each round runs the K single runs (`python -m ntkcl_jax.main --config.seed=s`, one
 process each, as `experiments/compare.py --per-seed` does) and the stacked run
@@ -33,9 +33,9 @@ import sys
 import time
 from typing import Any
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-from experiments import bench_util  # noqa: E402
+from experiments.benchmarks import harness
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
 
 DEMO = REPO / "experiments" / "configs" / "demo.py"
 
@@ -197,8 +197,8 @@ def _load_config(path: str, flags: list[str]):
   return config
 
 
-def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+  """The `stacked-run` subcommand's options."""
   parser.add_argument("what", choices=("speed", "mesh", "predictions"))
   parser.add_argument("--config", default=str(DEMO))
   parser.add_argument("--seeds", default="0,1,2,3,4")
@@ -206,14 +206,14 @@ def main() -> None:
   parser.add_argument("--rounds", type=int, default=2)
   parser.add_argument("--out", type=pathlib.Path, required=True)
   parser.add_argument("--json", action="store_true")
-  args = parser.parse_args()
-  print(f"CPU: {bench_util.cpu_name('unknown')}; load average {os.getloadavg()}", flush=True)
+
+
+def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+  """Runs the `stacked-run` benchmark; `parser.error` reports a bad option."""
+  print(f"CPU: {harness.cpu_name('unknown')}; load average {os.getloadavg()}", flush=True)
   result = {"speed": speed, "mesh": mesh, "predictions": predictions}[args.what](args)
-  result["cpu"] = bench_util.cpu_name("unknown")
+  result["cpu"] = harness.cpu_name("unknown")
   result["load_average_end"] = os.getloadavg()
   if args.json:
     print(json.dumps(result))
-
-
-if __name__ == "__main__":
-  main()
+  return 0

@@ -2,8 +2,8 @@
 
 Command (from the repository root)::
 
-  python experiments/bench_seeds.py                       # demo geometry, K = 1, 2, 5
-  python experiments/bench_seeds.py --ks 1,2,5 --rounds 3 --repeats 5 --json
+  python -m experiments.benchmarks seeds                       # demo geometry, K = 1, 2, 5
+  python -m experiments.benchmarks seeds --ks 1,2,5 --rounds 3 --repeats 5 --json
 
 What is measured: the demo's train step (`experiments/configs/demo.py`: the shipped tiny ViT
 loaded from `ntkcl_jax/assets/tiny_vit_fmnist.npz`, 28 px, width 64, depth 4, batch 32, reference
@@ -31,20 +31,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import pathlib
 import platform
 import statistics
-import sys
 import time
 from typing import Any
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from experiments import bench_util
+from experiments.benchmarks import harness
 
 
 def cpu_model() -> str:
   """The CPU's model name from /proc/cpuinfo (platform.processor() elsewhere)."""
-  return bench_util.cpu_name(platform.processor() or "unknown")
+  return harness.cpu_name(platform.processor() or "unknown")
 
 
 def build(num_seeds: list[int], batch: int):
@@ -170,14 +167,17 @@ def measure(variants: dict[str, Any], rounds: int, repeats: int, batch: int) -> 
   return out
 
 
-def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+  """The `seeds` subcommand's options."""
   parser.add_argument("--ks", default="1,2,5", help="numbers of stacked seeds")
   parser.add_argument("--batch", type=int, default=32, help="per-seed batch (the demo's 32)")
   parser.add_argument("--rounds", type=int, default=4)
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--json", action="store_true", help="print one JSON object last")
-  args = parser.parse_args()
+
+
+def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+  """Runs the `seeds` benchmark; `parser.error` reports a bad option."""
   import jax
 
   ks = [int(k) for k in args.ks.split(",")]
@@ -207,7 +207,4 @@ def main() -> None:
     )
   if args.json:
     print(json.dumps({**info, "results": results}))
-
-
-if __name__ == "__main__":
-  main()
+  return 0
