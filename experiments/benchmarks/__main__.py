@@ -60,7 +60,10 @@ def main(argv: list[str] | None = None) -> int:
     module.add_arguments(sub)
     sub.set_defaults(run=module.run, parser=sub)
   args = parser.parse_args(argv)
-  return args.run(args, args.parser) or 0
+  # the command's own options only (some commands write `vars(args)` into their JSON)
+  run, sub = args.run, args.parser
+  del args.run, args.parser, args.command
+  return run(args, sub) or 0
 
 
 if __name__ == "__main__":
