@@ -9,11 +9,13 @@ Commands (from the repository root)::
 
 What is measured, per configuration (size × PTM pass × dtype × optimisation switches) and phase:
 
-* train: `jax.jit(make_train_step(...), donate_argnums=(0,))` exactly as `ntkcl_jax.train` builds
-  it (SGD with momentum and weight decay on the trainable partition, the full reference-mode loss:
-  three CEs, L_MI, L_orth, L_reg), at a mid-stream task (k_t = s_t = 10 for ViT-B, 2 for tiny).
-* eval: `jax.jit(make_eval_fn(...))`: eval-mode features and the section-weighted prototype
-  logits (top-1/top-5), C = 100 (ViT-B) or 10 (tiny) classes.
+* train: the trainer's own jitted step, `steps.build_programs(...).train_step`, assembled from the
+  run plan as the trainer assembles it (`stepcase.assemble`: SGD with momentum and weight decay on
+  the trainable partition, the full reference-mode loss: three CEs, L_MI, L_orth, L_reg; lr and key
+  from the step counter; the non-finite check; state donated), at task 1 of the stream (k_t = s_t
+  = 10 for ViT-B, 2 for tiny).
+* eval: `Programs.predict`: eval-mode features and the section-weighted prototype logits
+  (top-1/top-5), C = 100 (ViT-B) or 10 (tiny) classes.
 
 The backbone is random (geometry is what matters for cost). Compile time (`lower` + `compile`)
 and the first call are reported apart; the step time is the median and min of `--repeats` further

@@ -143,152 +143,181 @@ def _cost_flops(compiled) -> float | None:
   return float(cost["flops"])
 
 
-def build_spec(cfg: dict[str, Any]):
-  import jax.numpy as jnp
+def case_config(cfg: dict[str, Any]):
+  """The run config of one case: `SIZES[cfg["size"]]`'s geometry, classes and batch on
+  `ntkcl_jax.base_config()` (reference mode, random backbone), with the case's PTM pass, dtype
+  and remat. The task is task 1 of a stream whose first task has k_t classes and the others s_t."""
+  from ntkcl_jax import ViTSpec, base_config
 
-  from ntkcl_jax.models.ntkcl import ModelSpec
-  from ntkcl_jax.models.vit import ViTSpec
+  vit_kw, batch_size, num_classes, (k_t, s_t), fixed_197 = SIZES[cfg["size"]]
+  vit = ViTSpec(**vit_kw)
+  c = base_config()
+  c.quirks.prompt_tokens = "fixed_197" if fixed_197 else "from_config"
+  for key in ("image_size", "patch_size", "width", "depth", "num_heads", "mlp_dim"):
+    c.backbone[key] = getattr(vit, key)
+  c.backbone.checkpoint_path = ""
+  c.data.num_classes, c.data.init_cls, c.data.increment = num_classes, k_t, s_t
+  c.train.batch_size = cfg.get("batch") or batch_size
+  c.model.use_init_ptm = cfg["ptm"]
+  c.model.dtype = cfg["dtype"]
+  c.model.remat = cfg["remat"]
+  return c
 
-  vit_kw, _, _, _, fixed_197 = SIZES[cfg["size"]]
-  return ModelSpec(
-    vit=ViTSpec(**vit_kw),
-    use_init_ptm=cfg["ptm"],
-    fixed_197_tokens=fixed_197,
-    dtype=jnp.dtype(cfg["dtype"]),
-    share_block0=cfg["share_block0"],
-    last_block_cls_only=cfg["last_block_cls_only"],
-    remat=cfg["remat"],
-  )
 
-
-def _grad_frozen_step(model, tx, batch_size: int):
-  """`make_train_step` that also takes the gradient w.r.t. `frozen` (and discards it)."""
+def _grad_frozen_method(method_cls):
+  """`method_cls` whose train step also takes the gradient w.r.t. `frozen` (and discards it, its
+  norm joining the terms so XLA cannot drop it): the cost the trainable/frozen split avoids."""
   import jax
   import optax
 
-  from ntkcl_jax import losses
   from ntkcl_jax.train_step import TrainState, loss_fn
 
-  def train_step(state, frozen, aux, batch, key, lr):
-    grad_fn = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)
-    (_, terms), (grads, frozen_grads) = grad_fn(
-      state.params,
-      frozen,
-      aux,
-      batch,
-      key,
-      model=model,
-      weights=losses.LossWeights(),
-      batch_size=batch_size,
-    )
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = jax.tree_util.tree_map(lambda p, u: p - lr * u, state.params, updates)
-    terms["grad_norm"] = optax.global_norm(grads)
-    terms["frozen_grad_norm"] = optax.global_norm(frozen_grads)
-    return TrainState(params=params, opt_state=opt_state, step=state.step + 1), terms
+  class GradFrozen(method_cls):
+    def train_step(self, model, tx):
+      plan = self.plan
 
-  return train_step
+      def train_step(state, frozen, aux, batch, key, lr):
+        grad_fn = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)
+        (_, terms), (grads, frozen_grads) = grad_fn(
+          state.params,
+          frozen,
+          aux,
+          batch,
+          key,
+          model=model,
+          weights=plan.loss_weights,
+          batch_size=plan.batch_size,
+        )
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = jax.tree_util.tree_map(lambda p, u: p - lr * u, state.params, updates)
+        terms["grad_norm"] = optax.global_norm(grads)
+        terms["frozen_grad_norm"] = optax.global_norm(frozen_grads)
+        return TrainState(params=params, opt_state=opt_state, step=state.step + 1), terms
+
+      return train_step
+
+  return GradFrozen
+
+
+def assemble(cfg: dict[str, Any]):
+  """(plan, method, stack, programs) of one case, assembled as the trainer assembles a run
+  (`plan.resolve`, `methods.build`, `SeedStack.make`, `steps.build_programs`), with the case's
+  model switches (`share_block0`, `last_block_cls_only`) set on the plan's spec."""
+  import dataclasses
+
+  from ntkcl_jax import methods, steps
+  from ntkcl_jax import plan as plan_lib
+  from ntkcl_jax.seed_stack import SeedStack
+
+  plan = plan_lib.resolve(case_config(cfg))
+  spec = dataclasses.replace(
+    plan.spec, share_block0=cfg["share_block0"], last_block_cls_only=cfg["last_block_cls_only"]
+  )
+  plan = dataclasses.replace(plan, spec=spec)
+  method_cls = methods.method_class(plan.method)
+  if cfg.get("grad_frozen"):
+    method_cls = _grad_frozen_method(method_cls)
+  method = method_cls(plan)
+  batch_sizes = {"train.batch_size": plan.batch_size, "eval.batch_size": plan.batch_size}
+  stack = SeedStack.make(plan.seeds, plan.stacked, batch_sizes, plan.seed_axis_size)
+  return plan, method, stack, steps.build_programs(plan, method, stack)
 
 
 def build_phase(cfg: dict[str, Any]) -> dict[str, Any]:
-  """The jitted step of one (configuration, phase) and its inputs, not yet compiled.
+  """The trainer's jitted step of one (configuration, phase) and its inputs, not yet compiled.
 
-  Returns {"fn": the `jax.jit` function, "args": its arguments (train: state, frozen, aux,
-  batch, key, lr; eval: params, prototypes, num_seen, images), "keys": per-call keys (train),
-  "spec", "batch_size", "num_classes", "head_width", "init_s", "rss_after_init_bytes"}. Used by
-  `run_worker`, `ab.py` and `profiling.py`.
+  train: `Programs.train_step` (the loop step the trainer runs: loss, SGD update, on-device lr
+  and key from the step counter, the non-finite check), on task 1's inputs as the trainer builds
+  them (`Method.task_aux`, a fresh proxy head and optimiser state, `TaskSchedule`); eval:
+  `Programs.predict` (eval-mode features and the section-weighted prototype logits, top-1/top-k).
+
+  Returns {"fn": the `jax.jit` function, "args": its arguments (train: state, health, frozen,
+  aux, batch, schedule; eval: params, prototypes, num_seen, images), "carry": how many leading
+  arguments a call returns (train: 2, donated; eval: 0), "spec", "batch_size", "num_classes",
+  "head_width", "devices" (of the trainer's mesh, which splits the batch), "init_s",
+  "rss_after_init_bytes"}. Used by `run_worker`, `ab.py` and
+  `profiling.py`.
   """
   import jax
   import jax.numpy as jnp
   import numpy as np
 
-  from ntkcl_jax import losses
-  from ntkcl_jax.models.ntkcl import NTKCL, init_params
-  from ntkcl_jax.optim import make_optimizer
-  from ntkcl_jax.train_step import (
-    TaskInfo,
-    TrainState,
-    init_proxy_head,
-    make_eval_fn,
-    make_train_step,
-    reg_targets,
-    split_trainable,
-  )
+  from ntkcl_jax import init_params
+  from ntkcl_jax.train_step import Health, TaskSchedule, TrainState, reg_targets, split_trainable
 
-  _, batch_size, num_classes, (k_t, s_t), _ = SIZES[cfg["size"]]
-  batch_size = cfg.get("batch") or batch_size
-  spec = build_spec(cfg)
-  model = NTKCL(spec)
+  _, _, num_classes, (k_t, s_t), _ = SIZES[cfg["size"]]
+  plan, method, stack, programs = assemble(cfg)
+  spec, batch_size = method.spec, plan.batch_size
   v = spec.vit
   t0 = time.perf_counter()
   params = init_params(spec, jax.random.key(0))
   rng = np.random.default_rng(0)
-  images = jnp.asarray(rng.uniform(size=(batch_size, v.image_size, v.image_size, 3)), jnp.float32)
-  protos = np.zeros((num_classes, spec.feature_dim), np.float32)
-  protos[: k_t + s_t] = rng.normal(size=(k_t + s_t, spec.feature_dim))
-  protos_j = jnp.asarray(protos)
+  images = rng.uniform(size=(batch_size, v.image_size, v.image_size, 3)).astype(np.float32)
+  protos = np.zeros((num_classes, method.feature_dim), np.float32)
+  protos[:k_t] = rng.normal(size=(k_t, method.feature_dim))  # the old classes' rows
   jax.block_until_ready(params)
   out = {
     "spec": spec,
     "batch_size": batch_size,
     "num_classes": num_classes,
-    "head_width": s_t,
+    "head_width": plan.head_width,
+    "devices": stack.mesh.devices.size,
     "init_s": time.perf_counter() - t0,
     "rss_after_init_bytes": harness.proc_status_bytes("VmRSS"),
-    "keys": None,
   }
-
+  one = stack.stack  # one seed's tree -> the run's (a plain run: the tree itself)
   if cfg["phase"] == "train":
-    params["proxy_head"] = init_proxy_head(jax.random.key(1), spec.feature_dim, s_t)
+    task_key = jax.random.key(1)
+    params = {**params, "proxy_head": method.task_proxy_head(task_key)}
     trainable, frozen = split_trainable(params)
-    tx = make_optimizer(5e-4, 0.9)
-    state = TrainState(params=trainable, opt_state=tx.init(trainable), step=jnp.int32(0))
-    aux = {
-      "task": TaskInfo.make(k_t, s_t, n_old=k_t, use_reg=True),
-      "prototypes": protos_j,
-      "orth_basis": jnp.asarray(losses.orthogonality_basis(protos[: k_t + s_t], 40)),
-      # a copy: the state is donated, the snapshot must not alias its buffers (as in train.py)
-      "reg_snapshot": jax.tree_util.tree_map(jnp.copy, reg_targets(trainable)),
-    }
+    state = TrainState(params=trainable, opt_state=programs.tx.init(trainable), step=jnp.int32(0))
+    aux = method.task_aux(protos, 1, k_t, s_t)
+    # a copy: the state is donated, the snapshot must not alias its buffers (as in the trainer)
+    aux = {**aux, "prototypes": protos, "reg_snapshot": reg_targets(trainable)}
     labels = k_t + rng.integers(0, s_t, size=batch_size)
-    batch = {
-      "image": images,
-      "label": jnp.asarray(labels, jnp.int32),
-      "mask": jnp.ones((batch_size,), bool),
-    }
-    if cfg["grad_frozen"]:
-      # Differentiate the frozen partition too (its gradient norm joins the terms, so XLA
-      # cannot drop it): the cost the trainable/frozen split avoids.
-      step = _grad_frozen_step(model, tx, batch_size)
-    else:
-      step = make_train_step(model, losses.LossWeights(), tx, batch_size)
-    out["fn"] = jax.jit(step, donate_argnums=(0,) if cfg["donate"] else ())
-    out["keys"] = [jax.random.key(i) for i in range(cfg["repeats"] + 1)]
-    out["args"] = [state, frozen, aux, batch, out["keys"][0], 0.01]
+    batch = {"image": images, "label": labels.astype(np.int32), "mask": np.ones(batch_size, bool)}
+    schedule = TaskSchedule.make(task_key, plan.lr, 1, cfg["repeats"] + 1)
+    fn = programs.train_step
+    if not cfg["donate"]:  # the trainer's step inside an undonating jit (inner donation unused)
+      fn = jax.jit(lambda *a: programs.train_step(*a))
+    out["fn"], out["carry"] = fn, 2
+    out["args"] = [
+      stack.put(one([state])),
+      stack.put(one([Health.fresh()])),
+      {"backbone": stack.replicate(frozen["backbone"]), "peft": stack.put(one([frozen["peft"]]))},
+      stack.put(one([jax.tree_util.tree_map(jnp.copy, aux)])),
+      stack.put_batch(batch, batch_size),
+      stack.put(one([schedule])),
+    ]
   else:
     eval_params = {k: params[k] for k in ("backbone", "peft", "fusion")}
-    weights = (1.0, 0.3, 0.1) if spec.use_init_ptm else (0.3, 0.1)
-    out["fn"] = jax.jit(make_eval_fn(model, weights))
-    out["args"] = [eval_params, protos_j, jnp.int32(k_t + s_t), images]
+    protos[k_t : k_t + s_t] = rng.normal(size=(s_t, method.feature_dim))
+    out["fn"], out["carry"] = programs.predict, 0
+    out["args"] = [
+      stack.put(one([eval_params])),
+      stack.put(one([jnp.asarray(protos)])),
+      jnp.int32(k_t + s_t),
+      stack.put_batch({"image": images}, batch_size)["image"],
+    ]
   return out
 
 
 def make_call(built: dict[str, Any], compiled) -> Any:
   """call(i) for `harness.time_calls`: one finished call of `compiled` on `built`'s inputs
-  (train: the state is carried from call to call, as it is donated; call i uses key i)."""
+  (train: the state and health are carried from call to call, as they are donated; the step's
+  key and lr come from the state's step counter, as in the trainer). Returns the outputs that
+  are not carried (train: the loss terms)."""
   import jax
 
-  args = list(built["args"])
+  args, carry = list(built["args"]), built["carry"]
 
   def call(i):
-    if built["keys"] is None:
-      out = compiled(*args)
-      jax.block_until_ready(out)
+    out = compiled(*args)
+    jax.block_until_ready(out)
+    if not carry:
       return out
-    args[4] = built["keys"][i]
-    args[0], terms = compiled(*args)
-    jax.block_until_ready((args[0], terms))
-    return terms
+    args[:carry] = out[:carry]
+    return out[carry]
 
   return call
 
@@ -305,6 +334,7 @@ def run_worker(cfg: dict[str, Any]) -> dict[str, Any]:
   compiled = built["fn"].lower(*built["args"]).compile()
   compile_s = time.perf_counter() - t0
 
+  flops = _cost_flops(compiled)
   first, timing = harness.time_calls(make_call(built, compiled), cfg["repeats"], batch_size)
   finite = None
   if cfg["phase"] == "train":
@@ -316,12 +346,14 @@ def run_worker(cfg: dict[str, Any]) -> dict[str, Any]:
   return {
     **cfg,
     "batch": batch_size,
+    "devices": built["devices"],
     "platform": dev.platform,
     "device_kind": dev.device_kind,
     "init_s": built["init_s"],
     "compile_s": compile_s,
     **timing,
-    "xla_flops_per_img": (lambda f: None if f is None else f / batch_size)(_cost_flops(compiled)),
+    # XLA's count is the per-device program's: the mesh's devices each run 1/devices of the batch
+    "xla_flops_per_img": (None if flops is None else flops * built["devices"] / batch_size),
     # the analytic count covers the shipped step (frozen weights get no gradient)
     "analytic_flops_per_img": (
       None
