@@ -199,28 +199,81 @@ def _grad_frozen_method(method_cls):
   return GradFrozen
 
 
-def assemble(cfg: dict[str, Any]):
-  """(plan, method, stack, programs) of one case, assembled as the trainer assembles a run
-  (`plan.resolve`, `methods.build`, `SeedStack.make`, `steps.build_programs`), with the case's
-  model switches (`share_block0`, `last_block_cls_only`) set on the plan's spec."""
+def assemble_config(config, spec_changes: dict[str, Any] | None = None, wrap_method=None):
+  """(plan, method, stack, programs) of `config`, assembled as the trainer assembles a run
+  (`plan.resolve`, the configured method, `SeedStack.make`, `steps.build_programs`).
+
+  Args:
+    spec_changes: `ModelSpec` fields set on the plan's spec (switches with no config key).
+    wrap_method: method class -> the class to build instead (e.g. `_grad_frozen_method`).
+  """
   import dataclasses
 
   from ntkcl_jax import methods, steps
   from ntkcl_jax import plan as plan_lib
   from ntkcl_jax.seed_stack import SeedStack
 
-  plan = plan_lib.resolve(case_config(cfg))
-  spec = dataclasses.replace(
-    plan.spec, share_block0=cfg["share_block0"], last_block_cls_only=cfg["last_block_cls_only"]
-  )
-  plan = dataclasses.replace(plan, spec=spec)
+  plan = plan_lib.resolve(config)
+  if spec_changes:
+    plan = dataclasses.replace(plan, spec=dataclasses.replace(plan.spec, **spec_changes))
   method_cls = methods.method_class(plan.method)
-  if cfg.get("grad_frozen"):
-    method_cls = _grad_frozen_method(method_cls)
-  method = method_cls(plan)
+  method = (wrap_method(method_cls) if wrap_method else method_cls)(plan)
   batch_sizes = {"train.batch_size": plan.batch_size, "eval.batch_size": plan.batch_size}
   stack = SeedStack.make(plan.seeds, plan.stacked, batch_sizes, plan.seed_axis_size)
   return plan, method, stack, steps.build_programs(plan, method, stack)
+
+
+def assemble(cfg: dict[str, Any]):
+  """`assemble_config` of one case (`case_config`), with its model switches (`share_block0`,
+  `last_block_cls_only`) on the spec and, for `grad_frozen`, the gradient-of-frozen step."""
+  switches = {k: cfg[k] for k in ("share_block0", "last_block_cls_only")}
+  wrap = _grad_frozen_method if cfg.get("grad_frozen") else None
+  return assemble_config(case_config(cfg), switches, wrap)
+
+
+def train_args(plan, method, stack, programs, seeds, task, steps: int) -> list[Any]:
+  """The six arguments of `Programs.train_step` (state, health, frozen, aux, batch, schedule) at
+  task 1 of the run, placed as the trainer places them (`task_loop.start_task`, `_step_inputs`).
+
+  Args:
+    seeds: per seed of `stack`, (init params, (C, D) host prototypes before the task, host
+      batch {"image", "label", "mask"} of B rows).
+    task: (k_t, s_t) of task 1. steps: the schedule's steps per epoch (one epoch).
+  """
+  import jax
+  import jax.numpy as jnp
+
+  from ntkcl_jax.train_step import Health, TaskSchedule, TrainState, reg_targets, split_trainable
+
+  k_t, s_t = task
+  states, peft, auxes, batches, schedules = [], [], [], [], []
+  for i, (params, protos, batch) in enumerate(seeds):
+    task_key = jax.random.key(1000 + i)
+    trainable, frozen = split_trainable({**params, "proxy_head": method.task_proxy_head(task_key)})
+    states.append(
+      TrainState(params=trainable, opt_state=programs.tx.init(trainable), step=jnp.int32(0))
+    )
+    peft.append(frozen["peft"])
+    aux = method.task_aux(protos, 1, k_t, s_t)
+    # copies: the state is donated, the snapshot must not alias its buffers (as in the trainer)
+    aux = {**aux, "prototypes": protos, "reg_snapshot": reg_targets(trainable)}
+    auxes.append(jax.tree_util.tree_map(jnp.copy, aux))
+    batches.append(batch)
+    schedules.append(TaskSchedule.make(task_key, plan.lr, 1, steps))
+  backbones = [params["backbone"] for params, _, _ in seeds]
+  if stack.stacked and not plan.shared_backbone:  # each seed's own random backbone
+    backbone = stack.put(stack.stack(backbones))
+  else:
+    backbone = stack.replicate(backbones[0])
+  host_batch = next(stack.batches(lambda i, *_: iter([batches[i]]), plan.batch_size, length=1))
+  return [
+    stack.put(stack.stack(states)),
+    stack.put(stack.stack([Health.fresh()] * stack.size)),
+    {"backbone": backbone, "peft": stack.put(stack.stack(peft))},
+    stack.put(stack.stack(auxes)),
+    stack.put_batch(host_batch, plan.batch_size),
+    stack.put(stack.stack(schedules)),
+  ]
 
 
 def build_phase(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -243,7 +296,6 @@ def build_phase(cfg: dict[str, Any]) -> dict[str, Any]:
   import numpy as np
 
   from ntkcl_jax import init_params
-  from ntkcl_jax.train_step import Health, TaskSchedule, TrainState, reg_targets, split_trainable
 
   _, _, num_classes, (k_t, s_t), _ = SIZES[cfg["size"]]
   plan, method, stack, programs = assemble(cfg)
@@ -267,28 +319,15 @@ def build_phase(cfg: dict[str, Any]) -> dict[str, Any]:
   }
   one = stack.stack  # one seed's tree -> the run's (a plain run: the tree itself)
   if cfg["phase"] == "train":
-    task_key = jax.random.key(1)
-    params = {**params, "proxy_head": method.task_proxy_head(task_key)}
-    trainable, frozen = split_trainable(params)
-    state = TrainState(params=trainable, opt_state=programs.tx.init(trainable), step=jnp.int32(0))
-    aux = method.task_aux(protos, 1, k_t, s_t)
-    # a copy: the state is donated, the snapshot must not alias its buffers (as in the trainer)
-    aux = {**aux, "prototypes": protos, "reg_snapshot": reg_targets(trainable)}
     labels = k_t + rng.integers(0, s_t, size=batch_size)
     batch = {"image": images, "label": labels.astype(np.int32), "mask": np.ones(batch_size, bool)}
-    schedule = TaskSchedule.make(task_key, plan.lr, 1, cfg["repeats"] + 1)
     fn = programs.train_step
     if not cfg["donate"]:  # the trainer's step inside an undonating jit (inner donation unused)
       fn = jax.jit(lambda *a: programs.train_step(*a))
     out["fn"], out["carry"] = fn, 2
-    out["args"] = [
-      stack.put(one([state])),
-      stack.put(one([Health.fresh()])),
-      {"backbone": stack.replicate(frozen["backbone"]), "peft": stack.put(one([frozen["peft"]]))},
-      stack.put(one([jax.tree_util.tree_map(jnp.copy, aux)])),
-      stack.put_batch(batch, batch_size),
-      stack.put(one([schedule])),
-    ]
+    out["args"] = train_args(
+      plan, method, stack, programs, [(params, protos, batch)], (k_t, s_t), cfg["repeats"] + 1
+    )
   else:
     eval_params = {k: params[k] for k in ("backbone", "peft", "fusion")}
     protos[k_t : k_t + s_t] = rng.normal(size=(s_t, method.feature_dim))
