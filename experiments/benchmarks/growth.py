@@ -112,7 +112,7 @@ def run(args: argparse.Namespace, p: argparse.ArgumentParser) -> int:
   import logging
 
   from experiments.configs import demo
-  from ntkcl_jax import train
+  from ntkcl_jax import run as train_run
 
   logging.getLogger("ntkcl_jax").setLevel(logging.ERROR)
   c = demo.get_config(f"mode={args.mode}")
@@ -133,7 +133,7 @@ def run(args: argparse.Namespace, p: argparse.ArgumentParser) -> int:
   load_before = os.getloadavg()[0]
   t0 = time.perf_counter()
   hook = TimingHook(t0)
-  summary = train.run(c, workdir, hooks=[hook])
+  summary = train_run(c, workdir, hooks=[hook])
   total_s = time.perf_counter() - t0
   lines = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
   steps_cum = [x["step"] for x in lines if x.get("kind") == "eval"]

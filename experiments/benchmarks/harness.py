@@ -52,6 +52,21 @@ def cpu_name(fallback: str = "cpu") -> str:
   return fallback
 
 
+def device_info() -> dict[str, Any]:
+  """What JAX runs on: backend, device kind, device and process counts, jax version (the fields
+  of the trainer's `summary.json` "backend"). Imports JAX."""
+  import jax
+
+  return {
+    "backend": jax.default_backend(),
+    "device_kind": jax.devices()[0].device_kind,
+    "device_count": jax.device_count(),
+    "local_device_count": jax.local_device_count(),
+    "process_count": jax.process_count(),
+    "jax_version": jax.__version__,
+  }
+
+
 def peak_rss_bytes() -> int:
   """This process's peak RSS (`getrusage` ru_maxrss; it includes compilation) in bytes."""
   kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

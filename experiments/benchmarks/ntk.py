@@ -55,8 +55,7 @@ def _model(kind: str):
   """(spec, params) of the demo-sized or ViT-B/16-sized NTK-CL, random weights."""
   import jax
 
-  from ntkcl_jax.models.ntkcl import ModelSpec, init_params
-  from ntkcl_jax.models.vit import ViTSpec
+  from ntkcl_jax import ModelSpec, ViTSpec, init_params
 
   if kind == "tiny":
     vit = ViTSpec(image_size=28, patch_size=4, width=64, depth=4, num_heads=4, mlp_dim=128)

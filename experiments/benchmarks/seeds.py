@@ -74,7 +74,7 @@ def build(num_seeds: list[int], batch: int):
         "mask": np.ones(batch, bool),
       }
       runs.append((init_params(spec, jax.random.key(seed), backbone), protos, host_batch))
-    args = stepcase.train_args(plan, method, stack, programs, runs, (k_t, s_t), 10**6)
+    args = stepcase.train_args(plan, method, stack, programs, runs, (1, k_t, s_t), 10**6)
     return programs.train_step, args, len(plan.seeds)
 
   variants = {"plain": variant("")}

@@ -107,25 +107,24 @@ def _test_logits(config, workdir: pathlib.Path, seed: int | None):
   import jax
   import numpy as np
 
-  from ntkcl_jax import config as config_lib
-  from ntkcl_jax import run_state, sharding
-  from ntkcl_jax.evaluate import batched_apply
-  from ntkcl_jax.models.heads import section_weighted_logits
-  from ntkcl_jax.models.ntkcl import NTKCL
-  from ntkcl_jax.train_step import make_feature_fn
+  from ntkcl_jax import NTKCL, load_run, methods, section_weighted_logits
+  from ntkcl_jax import plan as plan_lib
 
-  rs = run_state.load_run(config, workdir, seed=seed)
-  features = make_feature_fn(NTKCL(rs.spec))
-  weights = config_lib.section_weights(rs.config)
+  rs = load_run(config, workdir, seed=seed)
+  plan = plan_lib.resolve(rs.config)
+  features = methods.method_class(plan.method)(plan).feature_fn(NTKCL(rs.spec))
   protos = np.asarray(rs.prototypes)
 
   @jax.jit
   def logits(images):
-    return section_weighted_logits(features(rs.params, images), protos, weights)
+    return section_weighted_logits(features(rs.params, images), protos, plan.section_weights)
 
-  last = rs.num_tasks - 1
-  mesh = sharding.make_mesh()
-  return batched_apply(logits, rs.stream, rs.stream.test_indices(last), "test", 256, mesh)
+  outs, labels = [], []
+  for batch in rs.stream.eval_batches(rs.stream.test_indices(rs.num_tasks - 1), 256, "test"):
+    mask = np.asarray(batch["mask"], bool)
+    outs.append(np.asarray(logits(batch["image"]))[mask])
+    labels.append(np.asarray(batch["label"])[mask])
+  return np.concatenate(outs), np.concatenate(labels)
 
 
 def mesh(args: argparse.Namespace) -> dict[str, Any]:

@@ -170,7 +170,7 @@ def _grad_frozen_method(method_cls):
   import jax
   import optax
 
-  from ntkcl_jax.train_step import TrainState, loss_fn
+  from ntkcl_jax import TrainState, loss_fn
 
   class GradFrozen(method_cls):
     def train_step(self, model, tx):
@@ -209,9 +209,8 @@ def assemble_config(config, spec_changes: dict[str, Any] | None = None, wrap_met
   """
   import dataclasses
 
-  from ntkcl_jax import methods, steps
+  from ntkcl_jax import SeedStack, methods, steps
   from ntkcl_jax import plan as plan_lib
-  from ntkcl_jax.seed_stack import SeedStack
 
   plan = plan_lib.resolve(config)
   if spec_changes:
@@ -233,19 +232,19 @@ def assemble(cfg: dict[str, Any]):
 
 def train_args(plan, method, stack, programs, seeds, task, steps: int) -> list[Any]:
   """The six arguments of `Programs.train_step` (state, health, frozen, aux, batch, schedule) at
-  task 1 of the run, placed as the trainer places them (`task_loop.start_task`, `_step_inputs`).
+  the start of task t, placed as the trainer places them (`task_loop.start_task`, `_step_inputs`).
 
   Args:
     seeds: per seed of `stack`, (init params, (C, D) host prototypes before the task, host
       batch {"image", "label", "mask"} of B rows).
-    task: (k_t, s_t) of task 1. steps: the schedule's steps per epoch (one epoch).
+    task: (t, k_t, s_t). steps: the schedule's steps per epoch (one epoch).
   """
   import jax
   import jax.numpy as jnp
 
-  from ntkcl_jax.train_step import Health, TaskSchedule, TrainState, reg_targets, split_trainable
+  from ntkcl_jax import Health, TaskSchedule, TrainState, reg_targets, split_trainable
 
-  k_t, s_t = task
+  t, k_t, s_t = task
   states, peft, auxes, batches, schedules = [], [], [], [], []
   for i, (params, protos, batch) in enumerate(seeds):
     task_key = jax.random.key(1000 + i)
@@ -254,7 +253,7 @@ def train_args(plan, method, stack, programs, seeds, task, steps: int) -> list[A
       TrainState(params=trainable, opt_state=programs.tx.init(trainable), step=jnp.int32(0))
     )
     peft.append(frozen["peft"])
-    aux = method.task_aux(protos, 1, k_t, s_t)
+    aux = method.task_aux(protos, t, k_t, s_t)
     # copies: the state is donated, the snapshot must not alias its buffers (as in the trainer)
     aux = {**aux, "prototypes": protos, "reg_snapshot": reg_targets(trainable)}
     auxes.append(jax.tree_util.tree_map(jnp.copy, aux))
@@ -326,7 +325,7 @@ def build_phase(cfg: dict[str, Any]) -> dict[str, Any]:
       fn = jax.jit(lambda *a: programs.train_step(*a))
     out["fn"], out["carry"] = fn, 2
     out["args"] = train_args(
-      plan, method, stack, programs, [(params, protos, batch)], (k_t, s_t), cfg["repeats"] + 1
+      plan, method, stack, programs, [(params, protos, batch)], (1, k_t, s_t), cfg["repeats"] + 1
     )
   else:
     eval_params = {k: params[k] for k in ("backbone", "peft", "fusion")}
