@@ -65,22 +65,17 @@ import time
 from typing import Any
 
 from experiments.benchmarks import harness
-from experiments.benchmarks.step_tables import (  # noqa: F401  (REFERENCE, best_of_rounds: API)
+from experiments.benchmarks.step_tables import (
   ABLATIONS,
-  REFERENCE,
   ablation_table,
-  best_of_rounds,
   print_reference,
   print_results,
   print_vs_baseline,
   variant,
 )
-from experiments.benchmarks.stepcase import (  # noqa: F401  (SIZES, analytic_flops: API)
-  SIZES,
+from experiments.benchmarks.stepcase import (
   SWITCH_DEFAULTS,
   TRAIN_ONLY,
-  analytic_flops,
-  run_worker,
 )
 
 WORKER = "experiments.benchmarks.stepcase:run_worker"
