@@ -21,7 +21,7 @@ in total (K·B / step time), and `vs_sequential` = total images/s over the plain
 much faster K seeds finish stacked than one after another. One device (the default CPU device);
 the CPU model and load average are printed. `--json` prints one JSON object as the last line.
 
-Measured (AMD EPYC, 2 CPUs shared with other jobs, load average 11-15, jax 0.9.2, defaults): s/step
+Measured before it timed the trainer's loop step (AMD EPYC, 2 shared CPUs, load 11-15): s/step
 plain 0.48, K=1 0.55, K=2 0.86, K=5 3.13; images/s per seed 66, 58, 37, 10; in total 66, 58, 74,
 51, i.e. 1.00, 0.87, 1.12, 0.77 x sequential. Two busy cores leave no idle compute for stacking to
 fill; the gain is meant for accelerators, where a batch of 16-32 leaves most of a chip idle.
