@@ -98,8 +98,9 @@ def run_baseline(
   framework: str, cfg: dict[str, Any], timeout: float, **extra: Any
 ) -> dict[str, Any]:
   """A PyTorch baseline's worker (`BASELINES`: `parity/bench_official.py`, the released code
-  itself, unmodified, through the parity stand-ins) for the same size, PTM, phase, repeats and batch, in its own process with all
-  CPU threads, tagged as this script's all_on float32 configuration."""
+  itself, unmodified, through the parity stand-ins) for the same size, PTM, phase, repeats and
+  batch, in its own process with all CPU threads, tagged as this command's all_on float32
+  configuration."""
   keys = ("size", "ptm", "phase", "repeats", "batch")
   bcfg = {**{k: cfg[k] for k in keys}, "threads": os.cpu_count() or 1, **extra}
   r = harness.run_worker_process(BASELINES[framework], bcfg, timeout)
