@@ -9,9 +9,9 @@
 #   step_f32.json       ViT-B/16 224 px train step, float32, model.matmul_precision "default"
 #   step_f32_highest.json   ... the same with matmul precision "highest" (JAX_DEFAULT_MATMUL_PRECISION)
 #   step_bf16.json      ... bfloat16 compute dtype
-#                       (bench_step.py: images/s, XLA FLOPs per image, and the same process's
+#                       (benchmarks step: images/s, XLA FLOPs per image, and the same process's
 #                        float32 / bfloat16 dot FLOP/s, so img/s x FLOPs / dot rate = utilisation)
-#   loop.json           bench_loop.py: trainer vs jitted step on the demo, host pipeline rate at
+#   loop.json           benchmarks loop: trainer vs jitted step on the demo, host pipeline rate at
 #                       224 px per core, cores needed to feed the measured step
 #   summary.txt         the printed lines of all of the above
 # Each part has its own time limit (4 x 130 s), so one failure does not lose the others.
@@ -52,12 +52,12 @@ part() {  # part <name> <limit_s> <command...>: JSON (last stdout line) to OUT/<
   [[ $rc -ne 0 ]] && echo "   $name exited $rc (see $OUT/$name.err)" | tee -a "$LOG"
 }
 
-STEP=(python experiments/bench_step.py --size vitb --ptm off --phase train --repeats 10
+STEP=(python -m experiments.benchmarks step --size vitb --ptm off --phase train --repeats 10
       --dot-size 8192 --dot-repeats 10 --json)
 part step_f32 130 "${STEP[@]}" --dtype float32
 part step_f32_highest 130 env JAX_DEFAULT_MATMUL_PRECISION=highest "${STEP[@]}" --dtype float32
 part step_bf16 130 "${STEP[@]}" --dtype bfloat16
-part loop 130 python experiments/bench_loop.py --repeats 2 --pipeline-images 256 --json
+part loop 130 python -m experiments.benchmarks loop --repeats 2 --pipeline-images 256 --json
 
 python - "$OUT" <<'EOF' | tee -a "$LOG"
 import json, pathlib, sys

@@ -1,4 +1,4 @@
-"""`experiments/bench_loop.py` end to end on tiny sizes: its JSON has every field, values sane.
+"""`python -m experiments.benchmarks loop` end to end on tiny sizes: its JSON has every field, values sane.
 
 No timing thresholds here (the machine is shared); the ratios themselves are in README "GPU / TPU".
 """
@@ -39,7 +39,7 @@ def test_bench_loop_tiny_reports_every_field(tmp_path):
   args += ["--step-ms", "5"]
   env = {**tc.subprocess_env(1, tmp_path / "cache"), "PYTHONPATH": str(tc.REPO)}
   proc = subprocess.run(
-    [sys.executable, str(tc.REPO / "experiments" / "bench_loop.py"), *args, *overrides, "--json"],
+    [sys.executable, "-m", "experiments.benchmarks", "loop", *args, *overrides, "--json"],
     capture_output=True,
     text=True,
     cwd=tc.REPO,

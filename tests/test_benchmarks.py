@@ -1,7 +1,7 @@
-"""The benchmark scripts run and report consistent quantities (no timing is asserted here).
+"""The benchmark commands run and report consistent quantities (no timing is asserted here).
 
-Speed targets live in the scripts' own output (README "Performance"); these tests only check that
-each script runs end to end on the tiny geometry and that what it reports is self-consistent:
+Speed targets live in the commands' own output (README "Performance"); these tests only check that
+each command (`python -m experiments.benchmarks <command>`) runs end to end on the tiny geometry and that what it reports is self-consistent:
 the analytic FLOP count against XLA's, equal steps per task, one sweep point per probe size with a
 finite PSD kernel of the right shape, fitted exponents present (their values are not bounded).
 """
@@ -21,9 +21,9 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def _run_json(script: str, *args: str, timeout: float = 900) -> dict:
+def _run_json(command: str, *args: str, timeout: float = 900) -> dict:
   proc = subprocess.run(
-    [sys.executable, str(ROOT / "experiments" / script), *args, "--json"],
+    [sys.executable, "-m", "experiments.benchmarks", command, *args, "--json"],
     capture_output=True,
     text=True,
     cwd=ROOT,
@@ -36,7 +36,7 @@ def _run_json(script: str, *args: str, timeout: float = 900) -> dict:
 @pytest.mark.slow
 def test_bench_step_tiny_reports_matching_flop_counts():
   out = _run_json(
-    "bench_step.py",
+    "step",
     *("--size", "tiny", "--ptm", "off", "--repeats", "1", "--no-subprocess"),
     *("--dot-size", "256", "--dot-repeats", "1"),
   )
@@ -59,7 +59,7 @@ def test_bench_step_tiny_reports_matching_flop_counts():
 @pytest.mark.slow
 def test_bench_growth_equal_steps_per_task():
   out = _run_json(
-    "bench_growth.py",
+    "growth",
     *("--tasks", "3", "--train-per-class", "32", "--test-per-class", "8", "--epochs", "1"),
   )
   tasks = out["tasks"]
@@ -73,7 +73,7 @@ def test_bench_growth_equal_steps_per_task():
 @pytest.mark.slow
 def test_bench_ntk_sweep_reports_each_probe_size():
   ns = [4, 8]
-  out = _run_json("bench_ntk.py", "--sweep-n", ",".join(map(str, ns)), "--repeats", "1")
+  out = _run_json("ntk", "--sweep-n", ",".join(map(str, ns)), "--repeats", "1")
   assert out["impl"] == "native:1"
   points = out["points"]
   assert [p["n"] for p in points] == ns  # one point per probe size asked for, in order
@@ -101,7 +101,7 @@ def test_bench_ntk_sweep_reports_each_probe_size():
 )
 def test_bench_step_vs_official_runs_the_official_step():
   out = _run_json(
-    "bench_step.py",
+    "step",
     *(
       "--size",
       "tiny",

@@ -42,8 +42,9 @@ def get_config(arg: str | None = None):
   c.backbone.depth = 4
   c.backbone.num_heads = 4
   c.backbone.mlp_dim = 128
-  # At this size storing every activation is cheaper than remat "dots" (bench_step.py --size tiny
-  # --ablate: "dots" 1.03x the train-step time); the README's demo numbers use "none".
+  # At this size storing every activation is cheaper than remat "dots" (`python -m
+  # experiments.benchmarks step --size tiny --ablate`: "dots" 1.03x the train-step time); the
+  # README's demo numbers use "none".
   c.model.remat = "none"
 
   c.train.lr = 0.02

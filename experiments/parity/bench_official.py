@@ -1,34 +1,33 @@
-"""Worker for `bench_step.py --vs-official DIR`: times the official NTK-CL step itself.
+"""Worker for `python -m experiments.benchmarks step --vs-official DIR`: times the official NTK-CL
+step itself (run as `experiments.parity.bench_official:run_worker` through the benchmarks' harness).
 
 The official code runs unmodified through the stand-ins of `official.py` (plus patches 4-5 for the
 tiny geometry), on random AugReg-layout backbone weights (`cases.backbone_arrays`; the cost does not
-depend on them), at a mid-stream task like `bench_step.py` (k_t old classes with random
+depend on them), at a mid-stream task like the `step` benchmark (k_t old classes with random
 prototypes, s_t new). One train call = the official `_train` on a one-batch loader (SGD and cosine
 scheduler creation, `_init_train`'s loop body: forward, losses, backward, `optimizer.step`,
 `loss.item()`), dropout as released. One eval call = `_eval_results` on one batch (eval forward,
-top-k, task-id bookkeeping). Timed and reported like `bench_torch_reference.py`
-(`bench_util.time_calls`: `img_s`, `median_s`, `peak_rss_bytes`).
+top-k, task-id bookkeeping). Timed and reported like our own step
+(`harness.time_calls`: `img_s`, `median_s`, `peak_rss_bytes`).
 """
 
 from __future__ import annotations
 
-import argparse
 import os
-import sys
 import tempfile
 import time
 from typing import Any
 
 import numpy as np
 
-from experiments import bench_util
+from experiments.benchmarks import harness
 from experiments.parity import cases, official
 
 
 def run_worker(cfg: dict[str, Any]) -> dict[str, Any]:
   import torch
 
-  from experiments.bench_step_worker import SIZES
+  from experiments.benchmarks.stepcase import SIZES
 
   vit_kw, batch, _, (k_t, s_t), _ = SIZES[cfg["size"]]
   batch = cfg.get("batch") or batch
@@ -75,7 +74,7 @@ def run_worker(cfg: dict[str, Any]) -> dict[str, Any]:
   import io
 
   with contextlib.redirect_stderr(io.StringIO()):  # tqdm
-    _, timing = bench_util.time_calls(call, cfg["repeats"], batch)
+    _, timing = harness.time_calls(call, cfg["repeats"], batch)
   return {
     **cfg,
     "batch": batch,
@@ -84,16 +83,6 @@ def run_worker(cfg: dict[str, Any]) -> dict[str, Any]:
     "threads": torch.get_num_threads(),
     "init_s": init_s,
     **timing,
-    "peak_rss_bytes": bench_util.peak_rss_bytes(),
+    "peak_rss_bytes": harness.peak_rss_bytes(),
     "load_avg": os.getloadavg()[0],
   }
-
-
-def main(argv=None) -> int:
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--worker", required=True, help="JSON config (from bench_step.py)")
-  return bench_util.serve_worker(run_worker, p.parse_args(argv).worker)
-
-
-if __name__ == "__main__":
-  sys.exit(main())

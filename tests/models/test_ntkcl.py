@@ -123,8 +123,8 @@ def _perturb(tree, key, scale=0.3):
   )
 
 
-# The optimisation switches (`experiments/bench_step.py --ablate`) must not change the features;
-# each is checked with the PTM pass on (all three pass kinds), to keep the file fast.
+# The optimisation switches (`python -m experiments.benchmarks step --ablate`) must not change the
+# features; each is checked with the PTM pass on (all three pass kinds), to keep the file fast.
 CASES = {
   "no_ptm": (False, {}),
   "ptm": (True, {}),

@@ -3,10 +3,10 @@
 Commands (from the repository root)::
 
   # K seeds stacked (`--config.seeds`) vs the same K seeds one run after another, demo config
-  python experiments/bench_stacked_run.py speed --seeds 0,1,2,3,4 --rounds 2 \\
+  python -m experiments.benchmarks stacked-run speed --seeds 0,1,2,3,4 --rounds 2 \\
     --extra "--config.analysis.enabled=False --config.train.epochs=1" --out /tmp/bench_stacked
   # 4 seeds on 8 simulated CPU devices (4 x 2 mesh) vs on 1 device
-  python experiments/bench_stacked_run.py mesh --seeds 0,1,2,3 --out /tmp/bench_mesh
+  python -m experiments.benchmarks stacked-run mesh --seeds 0,1,2,3 --out /tmp/bench_mesh
 
 `speed`: each round runs the K single runs (`python -m ntkcl_jax.main --config.seed=s`, one
 process each, as `experiments/compare.py --per-seed` does) and the stacked run
@@ -33,9 +33,9 @@ import sys
 import time
 from typing import Any
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-from experiments import bench_util  # noqa: E402
+from experiments.benchmarks import harness
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
 
 DEMO = REPO / "experiments" / "configs" / "demo.py"
 
@@ -107,25 +107,24 @@ def _test_logits(config, workdir: pathlib.Path, seed: int | None):
   import jax
   import numpy as np
 
-  from ntkcl_jax import config as config_lib
-  from ntkcl_jax import run_state, sharding
-  from ntkcl_jax.evaluate import batched_apply
-  from ntkcl_jax.models.heads import section_weighted_logits
-  from ntkcl_jax.models.ntkcl import NTKCL
-  from ntkcl_jax.train_step import make_feature_fn
+  from ntkcl_jax import NTKCL, load_run, methods, section_weighted_logits
+  from ntkcl_jax import plan as plan_lib
 
-  rs = run_state.load_run(config, workdir, seed=seed)
-  features = make_feature_fn(NTKCL(rs.spec))
-  weights = config_lib.section_weights(rs.config)
+  rs = load_run(config, workdir, seed=seed)
+  plan = plan_lib.resolve(rs.config)
+  features = methods.method_class(plan.method)(plan).feature_fn(NTKCL(rs.spec))
   protos = np.asarray(rs.prototypes)
 
   @jax.jit
   def logits(images):
-    return section_weighted_logits(features(rs.params, images), protos, weights)
+    return section_weighted_logits(features(rs.params, images), protos, plan.section_weights)
 
-  last = rs.num_tasks - 1
-  mesh = sharding.make_mesh()
-  return batched_apply(logits, rs.stream, rs.stream.test_indices(last), "test", 256, mesh)
+  outs, labels = [], []
+  for batch in rs.stream.eval_batches(rs.stream.test_indices(rs.num_tasks - 1), 256, "test"):
+    mask = np.asarray(batch["mask"], bool)
+    outs.append(np.asarray(logits(batch["image"]))[mask])
+    labels.append(np.asarray(batch["label"])[mask])
+  return np.concatenate(outs), np.concatenate(labels)
 
 
 def mesh(args: argparse.Namespace) -> dict[str, Any]:
@@ -197,8 +196,8 @@ def _load_config(path: str, flags: list[str]):
   return config
 
 
-def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+  """The `stacked-run` subcommand's options."""
   parser.add_argument("what", choices=("speed", "mesh", "predictions"))
   parser.add_argument("--config", default=str(DEMO))
   parser.add_argument("--seeds", default="0,1,2,3,4")
@@ -206,14 +205,14 @@ def main() -> None:
   parser.add_argument("--rounds", type=int, default=2)
   parser.add_argument("--out", type=pathlib.Path, required=True)
   parser.add_argument("--json", action="store_true")
-  args = parser.parse_args()
-  print(f"CPU: {bench_util.cpu_name('unknown')}; load average {os.getloadavg()}", flush=True)
+
+
+def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+  """Runs the `stacked-run` benchmark; `parser.error` reports a bad option."""
+  print(f"CPU: {harness.cpu_name('unknown')}; load average {os.getloadavg()}", flush=True)
   result = {"speed": speed, "mesh": mesh, "predictions": predictions}[args.what](args)
-  result["cpu"] = bench_util.cpu_name("unknown")
+  result["cpu"] = harness.cpu_name("unknown")
   result["load_average_end"] = os.getloadavg()
   if args.json:
     print(json.dumps(result))
-
-
-if __name__ == "__main__":
-  main()
+  return 0

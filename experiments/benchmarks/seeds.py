@@ -2,15 +2,16 @@
 
 Command (from the repository root)::
 
-  python experiments/bench_seeds.py                       # demo geometry, K = 1, 2, 5
-  python experiments/bench_seeds.py --ks 1,2,5 --rounds 3 --repeats 5 --json
+  python -m experiments.benchmarks seeds                       # demo geometry, K = 1, 2, 5
+  python -m experiments.benchmarks seeds --ks 1,2,5 --rounds 3 --repeats 5 --json
 
 What is measured: the demo's train step (`experiments/configs/demo.py`: the shipped tiny ViT
 loaded from `ntkcl_jax/assets/tiny_vit_fmnist.npz`, 28 px, width 64, depth 4, batch 32, reference
-mode, full loss) at a mid-stream task (k_t = s_t = 2 of C = 10), as
-`jax.jit(seeds.vmap_over_seeds(make_train_step(...), seeds.train_step_in_axes()),
-donate_argnums=(0,))` on K stacked seeds (one shared backbone, everything else per seed), and,
-as the baseline, the plain single-run step the trainer jits today ("plain"). All variants are
+mode, full loss) at task 1 (k_t = s_t = 2 of C = 10), as the trainer builds it
+(`steps.build_programs`, through `stepcase.assemble_config`): with `config.seeds` = 0..K-1, the
+step vmapped over K stacked seeds (one shared backbone, everything else per seed), and, as the
+baseline, the plain single-run step ("plain"). Both are the trainer's loop step (lr and key from
+the step counter, the non-finite check, state and health donated). All variants are
 compiled first (compile time reported apart), then timed in `--rounds` rounds that alternate their
 order (forward, then reversed), each variant `--repeats` calls per round ending in
 `block_until_ready`; the median over all calls is reported.
@@ -20,7 +21,7 @@ in total (K·B / step time), and `vs_sequential` = total images/s over the plain
 much faster K seeds finish stacked than one after another. One device (the default CPU device);
 the CPU model and load average are printed. `--json` prints one JSON object as the last line.
 
-Measured (AMD EPYC, 2 CPUs shared with other jobs, load average 11-15, jax 0.9.2, defaults): s/step
+Measured before it timed the trainer's loop step (AMD EPYC, 2 shared CPUs, load 11-15): s/step
 plain 0.48, K=1 0.55, K=2 0.86, K=5 3.13; images/s per seed 66, 58, 37, 10; in total 66, 58, 74,
 51, i.e. 1.00, 0.87, 1.12, 0.77 x sequential. Two busy cores leave no idle compute for stacking to
 fill; the gain is meant for accelerators, where a batch of 16-32 leaves most of a chip idle.
@@ -31,99 +32,54 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import pathlib
 import platform
 import statistics
-import sys
 import time
 from typing import Any
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from experiments import bench_util
+from experiments.benchmarks import harness
 
 
 def cpu_model() -> str:
   """The CPU's model name from /proc/cpuinfo (platform.processor() elsewhere)."""
-  return bench_util.cpu_name(platform.processor() or "unknown")
+  return harness.cpu_name(platform.processor() or "unknown")
 
 
 def build(num_seeds: list[int], batch: int):
-  """{name: (jitted step, [state, frozen, aux, batch, key, lr])} for "plain" and each K."""
+  """{name: (jitted step, its six arguments, K)} for "plain" and each K: the trainer's step
+  (`steps.build_programs`) of the demo config, single-run and with `config.seeds` = 0..K-1."""
   import jax
-  import jax.numpy as jnp
   import numpy as np
 
+  from experiments.benchmarks import stepcase
   from experiments.configs import demo
-  from ntkcl_jax import config as config_lib
-  from ntkcl_jax import losses, seeds
-  from ntkcl_jax.models.ntkcl import NTKCL, init_params
-  from ntkcl_jax.models.vit import load_augreg
-  from ntkcl_jax.optim import make_optimizer
-  from ntkcl_jax.train_step import (
-    TaskInfo,
-    TrainState,
-    init_proxy_head,
-    make_train_step,
-    reg_targets,
-    split_trainable,
-  )
+  from ntkcl_jax import init_params, load_augreg
 
-  config = demo.get_config()
-  quirks = config_lib.validate(config)
-  spec = config_lib.model_spec(config, quirks)
-  model = NTKCL(spec)
-  weights = config_lib.loss_weights(config, quirks)
-  backbone = load_augreg(config.backbone.checkpoint_path, spec.vit)
-  tx = make_optimizer(config.train.weight_decay, config.train.momentum)
-  num_classes, (k_t, s_t) = config.data.num_classes, (2, 2)
-  size = spec.vit.image_size
+  def variant(seeds: str):
+    config = demo.get_config()
+    config.seeds = seeds
+    config.train.batch_size = batch
+    plan, method, stack, programs = stepcase.assemble_config(config)
+    spec, num_classes, (k_t, s_t) = method.spec, plan.num_classes, plan.data.splits[1]
+    backbone = load_augreg(plan.backbone_path, spec.vit)
+    size = spec.vit.image_size
+    runs = []
+    for seed in plan.seeds:
+      rng = np.random.default_rng(seed)
+      protos = np.zeros((num_classes, method.feature_dim), np.float32)
+      protos[:k_t] = rng.normal(size=(k_t, method.feature_dim))
+      host_batch = {
+        "image": rng.uniform(size=(batch, size, size, 3)).astype(np.float32),
+        "label": (k_t + rng.integers(0, s_t, batch)).astype(np.int32),
+        "mask": np.ones(batch, bool),
+      }
+      runs.append((init_params(spec, jax.random.key(seed), backbone), protos, host_batch))
+    args = stepcase.train_args(plan, method, stack, programs, runs, (1, k_t, s_t), 10**6)
+    return programs.train_step, args, len(plan.seeds)
 
-  def one_run(seed: int):
-    rng = np.random.default_rng(seed)
-    params = init_params(spec, jax.random.key(seed), backbone)
-    params["proxy_head"] = init_proxy_head(jax.random.key(1000 + seed), spec.feature_dim, s_t)
-    trainable, frozen = split_trainable(params)
-    protos = np.zeros((num_classes, spec.feature_dim), np.float32)
-    protos[:k_t] = rng.normal(size=(k_t, spec.feature_dim))
-    n_old = losses.mi_old_rows(k_t + s_t, k_t, config.data.increment, known_only=False)
-    aux = {
-      "task": TaskInfo.make(k_t, s_t, n_old, True),
-      "prototypes": jnp.asarray(protos),
-      "orth_basis": jnp.asarray(losses.orthogonality_basis(protos[: k_t + s_t], 40), jnp.float32),
-      "reg_snapshot": jax.tree_util.tree_map(jnp.copy, reg_targets(trainable)),
-    }
-    host_batch = {
-      "image": rng.uniform(size=(batch, size, size, 3)).astype(np.float32),
-      "label": (k_t + rng.integers(0, s_t, batch)).astype(np.int32),
-      "mask": np.ones(batch, bool),
-    }
-    state = TrainState(params=trainable, opt_state=tx.init(trainable), step=jnp.int32(0))
-    return state, frozen, aux, host_batch, jax.random.key(seed)
-
-  step = make_train_step(model, weights, tx, batch)
-  lr = 0.01
-  variants = {}
-  state, frozen, aux, host_batch, key = one_run(0)
-  host = {k: jnp.asarray(v) for k, v in host_batch.items()}
-  variants["plain"] = (jax.jit(step, donate_argnums=(0,)), [state, frozen, aux, host, key, lr], 1)
+  variants = {"plain": variant("")}
   for k in num_seeds:
-    runs = [one_run(s) for s in range(k)]
-    frozen = {
-      "backbone": runs[0][1]["backbone"],
-      "peft": seeds.stack_trees([r[1]["peft"] for r in runs]),
-    }
-    args = [
-      seeds.stack_trees([r[0] for r in runs]),
-      frozen,
-      seeds.stack_trees([r[2] for r in runs]),
-      {
-        k_: jnp.asarray(v) for k_, v in next(seeds.zip_seed_batches([[r[3]] for r in runs])).items()
-      },
-      jnp.stack([r[4] for r in runs]),
-      lr,
-    ]
-    fn = jax.jit(seeds.vmap_over_seeds(step, seeds.train_step_in_axes()), donate_argnums=(0,))
-    variants[f"K={k}"] = (fn, args, k)
+    variants[f"K={k}"] = variant(",".join(str(s) for s in range(k)))
   return variants
 
 
@@ -137,18 +93,18 @@ def measure(variants: dict[str, Any], rounds: int, repeats: int, batch: int) -> 
     compiled[name] = fn.lower(*args).compile()
     compile_s[name] = time.perf_counter() - t0
     args_of[name] = list(args)
-    state, terms = compiled[name](*args_of[name])  # first call: untimed
-    jax.block_until_ready((state, terms))
-    args_of[name][0] = state
+    out = compiled[name](*args_of[name])  # first call: untimed
+    jax.block_until_ready(out)
+    args_of[name][:2] = out[:2]  # (state, health): donated, carried
   names = list(variants)
   for r in range(rounds):
     for name in names if r % 2 == 0 else names[::-1]:
       for _ in range(repeats):
         t0 = time.perf_counter()
-        state, terms = compiled[name](*args_of[name])
-        jax.block_until_ready((state, terms))
+        out = compiled[name](*args_of[name])
+        jax.block_until_ready(out)
         times[name].append(time.perf_counter() - t0)
-        args_of[name][0] = state
+        args_of[name][:2] = out[:2]
   plain = batch / statistics.median(times["plain"])
   out = []
   for name, (_, _, k) in variants.items():
@@ -170,14 +126,17 @@ def measure(variants: dict[str, Any], rounds: int, repeats: int, batch: int) -> 
   return out
 
 
-def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+  """The `seeds` subcommand's options."""
   parser.add_argument("--ks", default="1,2,5", help="numbers of stacked seeds")
   parser.add_argument("--batch", type=int, default=32, help="per-seed batch (the demo's 32)")
   parser.add_argument("--rounds", type=int, default=4)
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--json", action="store_true", help="print one JSON object last")
-  args = parser.parse_args()
+
+
+def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+  """Runs the `seeds` benchmark; `parser.error` reports a bad option."""
   import jax
 
   ks = [int(k) for k in args.ks.split(",")]
@@ -207,7 +166,4 @@ def main() -> None:
     )
   if args.json:
     print(json.dumps({**info, "results": results}))
-
-
-if __name__ == "__main__":
-  main()
+  return 0

@@ -2,13 +2,13 @@
 
 Commands (from the repository root)::
 
-  python experiments/ab_step.py --size vitb --phase train --variants base,remat_dots_all --rounds 3
-  python experiments/ab_step.py --size vitb --phase eval --variants base,concurrency_sched
+  python -m experiments.benchmarks ab --size vitb --phase train --variants base,remat_dots_all --rounds 3
+  python -m experiments.benchmarks ab --size vitb --phase eval --variants base,concurrency_sched
 
-Every variant is built and compiled in this process (`bench_step_worker.build_phase`, each with its
+Every variant is built and compiled in this process (`stepcase.build_phase`, each with its
 own inputs and donated state), then the variants are called in turn, alternating the order each
 round (A B, B A, A B, ...), so a slow spell on a shared machine hits them alike. A variant changes
-the model switches (`bench_step.py`'s cfg keys, e.g. remat) and/or XLA compiler options of its
+the model switches (the `step` benchmark's cfg keys, e.g. remat) and/or XLA compiler options of its
 compilation only (`compile(compiler_options=...)`, the per-executable form of `XLA_FLAGS`).
 Reported per variant: median and min call time, and the median over rounds of its time divided by
 the first variant's in the same round (< 1: faster). `--check` also compares the variants' loss
@@ -20,15 +20,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import pathlib
 import statistics
-import sys
 import time
 from typing import Any
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from experiments import bench_util
-from experiments.bench_step_worker import SWITCH_DEFAULTS, build_phase, make_call
+from experiments.benchmarks import harness
+from experiments.benchmarks.stepcase import SWITCH_DEFAULTS, build_phase, make_call
 
 # name -> (cfg overrides, XLA compiler options)
 VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
@@ -45,8 +42,8 @@ VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
 }
 
 
-def main(argv: list[str] | None = None) -> int:
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def add_arguments(p: argparse.ArgumentParser) -> None:
+  """The `ab` subcommand's options."""
   p.add_argument("--size", choices=("vitb", "tiny"), default="vitb")
   p.add_argument("--phase", choices=("train", "eval"), default="train")
   p.add_argument("--ptm", action="store_true")
@@ -55,7 +52,10 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--rounds", type=int, default=3, help="timed calls per variant")
   p.add_argument("--check", action="store_true", help="compare call-0 outputs with the first")
   p.add_argument("--json", default=None, help="write the result to this JSON file")
-  args = p.parse_args(argv)
+
+
+def run(args: argparse.Namespace, p: argparse.ArgumentParser) -> int:
+  """Runs the `ab` benchmark; `p.error` reports a bad option."""
   import jax
   import numpy as np
 
@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     if n not in VARIANTS:
       p.error(f"unknown variant {n!r}; valid: {sorted(VARIANTS)}")
   print(
-    f"CPU {bench_util.cpu_name()}, {os.cpu_count()} CPUs, jax {jax.__version__}, load "
+    f"CPU {harness.cpu_name()}, {os.cpu_count()} CPUs, jax {jax.__version__}, load "
     f"{os.getloadavg()}, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}",
     flush=True,
   )
@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{n}: compiled in {compile_s[n]:.1f} s", flush=True)
   times: dict[str, list[float]] = {n: [] for n in names}
   for rnd in range(args.rounds):
-    for n in bench_util.alternate(names, rnd):
+    for n in harness.alternate(names, rnd):
       t0 = time.perf_counter()
       calls[n](rnd + 1)
       times[n].append(time.perf_counter() - t0)
@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
       f"{r['time_ratio_median']:7.3f}{extra}"
     )
   out = {
-    "cpu": bench_util.cpu_name(),
+    "cpu": harness.cpu_name(),
     "load_avg_end": os.getloadavg(),
     "size": args.size,
     "phase": args.phase,
@@ -140,7 +140,3 @@ def main(argv: list[str] | None = None) -> int:
     with open(args.json, "w") as f:
       json.dump(out, f, indent=1)
   return 0
-
-
-if __name__ == "__main__":
-  sys.exit(main())

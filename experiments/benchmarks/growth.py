@@ -2,8 +2,8 @@
 
 Command (from the repository root)::
 
-  python experiments/bench_growth.py                      # 10 tasks x 1 class, tiny ViT
-  python experiments/bench_growth.py --json --tasks 10 --train-per-class 128 --epochs 2
+  python -m experiments.benchmarks growth                      # 10 tasks x 1 class, tiny ViT
+  python -m experiments.benchmarks growth --json --tasks 10 --train-per-class 128 --epochs 2
 
 Runs the real trainer (`ntkcl_jax.train.run`) on the demo geometry (28 px, patch 4, width 64,
 depth 4, heads 4, MLP 128, batch 32) with Animal-MNIST (or `--data fashion_mnist`) split into
@@ -29,15 +29,13 @@ import json
 import os
 import pathlib
 import shutil
-import sys
 import tempfile
 import time
 from typing import Any
 
 import numpy as np
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # `experiments.configs`
-from experiments import bench_util
+from experiments.benchmarks import harness
 
 
 class TimingHook:
@@ -56,8 +54,8 @@ class TimingHook:
         "task": view.task,
         "num_seen": view.num_seen,
         "t": time.perf_counter() - self.t_start,
-        "rss_bytes": bench_util.proc_status_bytes("VmRSS"),
-        "hwm_bytes": bench_util.proc_status_bytes("VmHWM"),
+        "rss_bytes": harness.proc_status_bytes("VmRSS"),
+        "hwm_bytes": harness.proc_status_bytes("VmHWM"),
       }
     )
 
@@ -94,8 +92,8 @@ def growth_table(records: list[dict[str, Any]], steps_cum: list[int]) -> dict[st
   return out
 
 
-def main(argv: list[str] | None = None) -> int:
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def add_arguments(p: argparse.ArgumentParser) -> None:
+  """The `growth` subcommand's options."""
   p.add_argument("--data", choices=("animal_mnist", "fashion_mnist"), default="animal_mnist")
   p.add_argument("--tasks", type=int, default=10, help="tasks of one class each (<= 10)")
   p.add_argument("--train-per-class", type=int, default=128)
@@ -106,12 +104,15 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--backbone", default="", help="AugReg .npz of the tiny geometry (default random)")
   p.add_argument("--workdir", default="", help="fresh directory (default: a temporary one)")
   p.add_argument("--json", action="store_true", help="print one JSON object on the last line")
-  args = p.parse_args(argv)
+
+
+def run(args: argparse.Namespace, p: argparse.ArgumentParser) -> int:
+  """Runs the `growth` benchmark; `p.error` reports a bad option."""
 
   import logging
 
   from experiments.configs import demo
-  from ntkcl_jax import train
+  from ntkcl_jax import run as train_run
 
   logging.getLogger("ntkcl_jax").setLevel(logging.ERROR)
   c = demo.get_config(f"mode={args.mode}")
@@ -132,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
   load_before = os.getloadavg()[0]
   t0 = time.perf_counter()
   hook = TimingHook(t0)
-  summary = train.run(c, workdir, hooks=[hook])
+  summary = train_run(c, workdir, hooks=[hook])
   total_s = time.perf_counter() - t0
   lines = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
   steps_cum = [x["step"] for x in lines if x.get("kind") == "eval"]
@@ -171,7 +172,3 @@ def main(argv: list[str] | None = None) -> int:
       json.dumps({**table, "total_s": total_s, "avg_acc": summary["avg_acc"], "args": vars(args)})
     )
   return 0
-
-
-if __name__ == "__main__":
-  sys.exit(main())

@@ -4,8 +4,8 @@ Three measurements in one process:
 
 1. **loop**: over one task of a config (default: the demo), the trainer's own images/s
    (`train.run`, its `summary["train_loop_time"]`: steps after the compiling first one, end-of-epoch
-   fetches and checkpoints included) against the same jitted step (`make_loop_step`) alone on
-   batches placed on the device beforehand. The two alternate (step, trainer, step, ...) and the
+   fetches and checkpoints included) against the same jitted step (`steps.build_programs`'s
+   `train_step`, assembled as the trainer assembles it) alone on batches placed beforehand. The two alternate (step, trainer, step, ...) and the
    ratio uses the mean of the step-alone runs around each trainer run.
 2. **pipeline**: the host pipeline's rate (decode + train transform + ÷255 + batch assembly,
    `TaskStream.train_batches` with one worker thread) in images per wall second and per CPU
@@ -15,14 +15,14 @@ Three measurements in one process:
    the demo geometry (28 px from 28x28).
 3. **feed**: how many host threads feed a given step time. The estimate is
    ceil(B / step_s / per-core rate) (linear scaling assumed); the measurement runs the real
-   prefetcher (`data.prefetch`) with n stream worker threads against a simulated accelerator step
+   prefetcher (`ntkcl_jax.prefetch`) with n stream worker threads against a simulated accelerator step
    (a sleep: it uses no host CPU, as a GPU/TPU step does) of --feed-step-ms (default: 0.7 x the
    one-thread host batch time, so one thread cannot keep up), and reports the ratio achieved vs
    the step alone for n = 1 .. --max-threads and the smallest n with ratio >= 0.95.
 
-  python experiments/bench_loop.py                       # demo geometry, about 3-5 min on 2 cores
-  python experiments/bench_loop.py --json                # ... and one JSON object, printed last
-  python experiments/bench_loop.py --override train.batch_size=64 --pipeline-images 256
+  python -m experiments.benchmarks loop          # demo geometry, about 3-5 min on 2 cores
+  python -m experiments.benchmarks loop --json   # ... and one JSON object, printed last
+  python -m experiments.benchmarks loop --override train.batch_size=64 --pipeline-images 256
 
 Timings on a shared machine are noisy: compare ratios within one run, not across runs.
 """
@@ -37,44 +37,23 @@ import math
 import os
 import platform
 import statistics
-import sys
 import tempfile
 import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-  sys.path.insert(0, ROOT)
+from experiments.benchmarks import harness, stepcase
+from ntkcl_jax import build_stream, initial_params, prefetch
+from ntkcl_jax import run as train_run
+from ntkcl_jax.data import ArraySource, TaskStream, class_order
 
-from experiments import bench_util  # noqa: E402
-from ntkcl_jax import config as config_lib  # noqa: E402
-from ntkcl_jax import losses, run_state, sharding, train  # noqa: E402
-from ntkcl_jax.data import ArraySource, TaskStream, class_order  # noqa: E402
-from ntkcl_jax.data.prefetch import prefetch  # noqa: E402
-from ntkcl_jax.models.ntkcl import NTKCL, init_params  # noqa: E402
-from ntkcl_jax.optim import make_optimizer  # noqa: E402
-from ntkcl_jax.train_step import (  # noqa: E402
-  Health,
-  TaskInfo,
-  TaskSchedule,
-  TrainState,
-  init_proxy_head,
-  make_loop_step,
-  make_train_step,
-  reg_targets,
-  split_trainable,
-  with_matmul_precision,
-)
-
-DEMO = os.path.join(ROOT, "experiments", "configs", "demo.py")
+DEMO = os.path.join(harness.ROOT, "experiments", "configs", "demo.py")
 
 
 def cpu_model() -> str:
-  return bench_util.cpu_name(platform.processor() or "unknown")
+  return harness.cpu_name(platform.processor() or "unknown")
 
 
 def load_config(spec: str, overrides: list[str]):
@@ -103,61 +82,34 @@ def load_config(spec: str, overrides: list[str]):
 
 
 def step_alone_setup(config, stream: TaskStream, num_batches: int):
-  """The trainer's compiled step for task 0 with `num_batches` batches placed beforehand."""
-  quirks = config_lib.validate(config)
-  spec = config_lib.model_spec(config, quirks)
-  mesh = sharding.make_mesh()
-  model = NTKCL(spec)
-  weights = config_lib.loss_weights(config, quirks)
-  root = jax.random.key(config.seed)
-  params = init_params(spec, config_lib.init_key(config.seed), None)
+  """The trainer's compiled step for task 0 (`steps.build_programs`, assembled as the trainer
+  assembles it: `stepcase.assemble_config`) with `num_batches` batches placed beforehand."""
+  plan, method, stack, programs = stepcase.assemble_config(config)
+  params = initial_params(config, method.spec)
   k_t, s_t = stream.splits[0]
-  head_width = max(s for _, s in stream.splits)
-  params["proxy_head"] = init_proxy_head(
-    jax.random.fold_in(root, 10_001), spec.feature_dim, head_width
-  )
-  trainable, frozen = split_trainable(params)
-  tx = make_optimizer(config.train.weight_decay, config.train.momentum)
-  B = config.train.batch_size
-  protos = np.zeros((config.data.num_classes, spec.feature_dim), np.float32)
-  n_old = losses.mi_old_rows(
-    k_t + s_t, k_t, config.data.increment, known_only=quirks.mi_old_rows == "known_only"
-  )
-  if quirks.orth_loss == "signed_residual_sum":
-    basis = losses.orthogonality_basis(protos[: k_t + s_t], config.loss.svd_k)
-  else:
-    basis = losses.old_subspace_basis(protos[: k_t + s_t], k_t, config.loss.svd_k)
-  put = lambda x: sharding.put_replicated(x, mesh)  # noqa: E731
-  aux = put({"task": TaskInfo.make(k_t, s_t, n_old, True), "orth_basis": basis})
-  aux = {**aux, "prototypes": put(protos), "reg_snapshot": put(reg_targets(trainable))}
-  frozen_t = put({"backbone": frozen["backbone"], "peft": {"ema": frozen["peft"]["ema"]}})
-  steps = stream.steps_per_epoch(0, B)
-  schedule = put(TaskSchedule.make(jax.random.fold_in(root, 0), config.train.lr, 1, steps))
-  state = put(TrainState(params=trainable, opt_state=tx.init(trainable), step=jnp.int32(0)))
-  step = jax.jit(
-    with_matmul_precision(
-      make_loop_step(
-        make_train_step(model, weights, tx, B), quirks.nonfinite_aux == "mask_or_raise"
-      ),
-      config.model.matmul_precision,
-    ),
-    donate_argnums=(0, 1),
-  )
+  B = plan.batch_size
+  protos = np.zeros((plan.num_classes, method.feature_dim), np.float32)
   host = stream.train_batches(0, 0, B, seed=config.seed)
-  batches = []
+  host_batches = []
   for b in host:
-    batches.append(sharding.put_batch({k: b[k] for k in ("image", "label", "mask")}, mesh))
-    if len(batches) == num_batches:
+    host_batches.append({k: b[k] for k in ("image", "label", "mask")})
+    if len(host_batches) == num_batches:
       break
   host.close()
-  box = {"state": state, "health": put(Health.fresh())}
+  steps = stream.steps_per_epoch(0, B)
+  state, health, frozen, aux, _, schedule = stepcase.train_args(
+    plan, method, stack, programs, [(params, protos, host_batches[0])], (0, k_t, s_t), steps
+  )
+  batches = [stack.put_batch(b, B) for b in host_batches]
+  step = programs.train_step
+  box = {"state": state, "health": health}
 
   def run(n: int) -> float:
     """Seconds for n steps, dispatched back to back, one sync at the end."""
     t0 = time.perf_counter()
     for j in range(n):
       box["state"], box["health"], terms = step(
-        box["state"], box["health"], frozen_t, aux, batches[j % len(batches)], schedule
+        box["state"], box["health"], frozen, aux, batches[j % len(batches)], schedule
       )
     jax.block_until_ready(terms)
     return time.perf_counter() - t0
@@ -169,14 +121,14 @@ def step_alone_setup(config, stream: TaskStream, num_batches: int):
 
 def trainer_rate(config) -> dict[str, Any]:
   with tempfile.TemporaryDirectory() as workdir:
-    summary = train.run(config, workdir)
+    summary = train_run(config, workdir)
   timing = summary["train_loop_time"][0]
   return {**timing, "img_s": timing["images"] / timing["seconds"]}
 
 
 def bench_loop(config, repeats: int) -> dict[str, Any]:
   config = config_lib_copy(config, {"train.max_tasks": 1, "analysis.enabled": False})
-  stream = run_state.build_stream(config)
+  stream = build_stream(config)
   B = config.train.batch_size
   steps = stream.steps_per_epoch(0, B) * config.train.epochs
   run_step, compile_s = step_alone_setup(config, stream, num_batches=4)
@@ -191,9 +143,9 @@ def bench_loop(config, repeats: int) -> dict[str, Any]:
   ]  # each trainer run against the step-alone runs before and after it
   return {
     "config": {
-      k: v
-      for k, v in config_lib.flat_config(config).items()
-      if k.startswith(("backbone.", "train.")) or k == "data.name"
+      **{f"backbone.{k}": v for k, v in config.backbone.to_dict().items()},
+      **{f"train.{k}": v for k, v in config.train.to_dict().items()},
+      "data.name": config.data.name,
     },
     "batch_size": B,
     "timed_steps": timed,
@@ -301,8 +253,8 @@ def threads_needed(per_core_img_s: float, batch_size: int, step_ms: float) -> in
   return math.ceil(batch_size / (step_ms / 1e3) / per_core_img_s)
 
 
-def main() -> None:
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+def add_arguments(p: argparse.ArgumentParser) -> None:
+  """The `loop` subcommand's options."""
   p.add_argument("--config", default=DEMO, help="config file[:args] for the loop measurement")
   p.add_argument("--override", action="append", default=[], help="key=value (repeatable)")
   p.add_argument("--repeats", type=int, default=2, help="trainer runs (alternating with steps)")
@@ -321,14 +273,17 @@ def main() -> None:
     "--step-ms", type=float, action="append", default=[], help="also size threads for these steps"
   )
   p.add_argument("--json", action="store_true", help="print one JSON object last")
-  args = p.parse_args()
+
+
+def run(args: argparse.Namespace, p: argparse.ArgumentParser) -> int:
+  """Runs the `loop` benchmark; `p.error` reports a bad option."""
 
   out: dict[str, Any] = {
     "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
     "cpu": cpu_model(),
     "cpu_count": os.cpu_count(),
     "load_avg_start": os.getloadavg()[0],
-    "backend": sharding.backend_info(),
+    "backend": harness.device_info(),
   }
   # 2. host pipeline first (no compiled program competing for the cores yet)
   P = args.pipeline_size
@@ -364,6 +319,7 @@ def main() -> None:
   out["load_avg_end"] = os.getloadavg()[0]
   if args.json:
     print(json.dumps(out, default=str))
+  return 0
 
 
 def host_part(args, out: dict[str, Any]) -> None:
@@ -393,7 +349,3 @@ def host_part(args, out: dict[str, Any]) -> None:
     f" ratio by threads {[(m['threads'], round(m['ratio'], 3)) for m in f['measured']]}; "
     f">= 0.95 with {f['threads_for_095']} thread(s) (estimate {f['threads_estimate']})"
   )
-
-
-if __name__ == "__main__":
-  main()

@@ -1,4 +1,4 @@
-"""Result tables of `bench_step.py`: per-configuration rows, the reference figures,
+"""Result tables of the `step` benchmark: per-configuration rows, the reference figures,
 ours vs the PyTorch / official baselines (same run) and the ablation ratios; each table uses the
 best round of every configuration (`best_of_rounds`)."""
 
@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from experiments import bench_util
-from experiments.bench_step_worker import SWITCH_DEFAULTS
+from experiments.benchmarks import harness
+from experiments.benchmarks.stepcase import SWITCH_DEFAULTS
 
 REFERENCE = {
   # (ptm) -> official PyTorch NTK-CL, 2 CPU cores, float32, ViT-B/16, batch 16 (ranges: min, max),
@@ -68,7 +68,7 @@ def print_results(
     f"{'min s':>7} {'cpu s':>7} {'compile':>7} {'1st':>6} {'GF/img xla':>10} {'GF/img ana':>10} "
     f"{'GFLOP/s':>8} {'/dot32':>6} {'/dotcpu':>7} {'RSS GB':>6} {'temp GB':>7} {'load':>4}"
   )
-  bench_util.print_header(head)
+  harness.print_header(head)
   for r in results:
     if "error" in r:
       print(
@@ -128,12 +128,12 @@ def print_reference(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
   return rows
 
 
-def print_vs_torch(
-  results: list[dict[str, Any]],
-  torch_results: list[dict[str, Any]],
-  label: str = "the official step's computation in PyTorch",
+def print_vs_baseline(
+  results: list[dict[str, Any]], torch_results: list[dict[str, Any]], label: str
 ) -> list:
-  """ours / PyTorch (same run, best round each) of images/s and peak RSS, per PTM and phase."""
+  """ours / a PyTorch baseline (same run, best round each) of images/s and peak RSS, per PTM and
+  phase. The baseline's fields keep the `torch_` prefix of the results files
+  (`experiments/results/perf/vitb_vs_official_*.json`)."""
   ours = {
     (r["size"], r["ptm"], r["phase"]): r
     for r in best_of_rounds(results)

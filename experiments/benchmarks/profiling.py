@@ -2,11 +2,11 @@
 
 Commands (from the repository root)::
 
-  python experiments/profile_step.py --size vitb --phase train            # ViT-B/16, batch 16
-  python experiments/profile_step.py --size tiny --phase eval --calls 5
-  python experiments/profile_step.py --size vitb --dump /tmp/hlo_vitb      # + XLA dump (text HLO)
+  python -m experiments.benchmarks profile --size vitb --phase train            # ViT-B/16, batch 16
+  python -m experiments.benchmarks profile --size tiny --phase eval --calls 5
+  python -m experiments.benchmarks profile --size vitb --dump /tmp/hlo_vitb      # + XLA dump (text HLO)
 
-The step is built exactly as `bench_step.py` builds it (`bench_step_worker.build_phase`, default
+The step is built exactly as the `step` benchmark builds it (`stepcase.build_phase`, default
 switches), compiled, called once to warm up, then `--calls` calls are traced with
 `jax.profiler`. Each executed XLA operation (a thunk of the CPU runtime: a dot, a fusion, a copy,
 a custom call, ...) is an event named after its HLO instruction; the event durations are summed
@@ -39,16 +39,13 @@ import collections
 import glob
 import json
 import os
-import pathlib
 import re
-import sys
 import tempfile
 import time
 from typing import Any
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from experiments import bench_util
-from experiments.bench_step_worker import SWITCH_DEFAULTS, build_phase, make_call
+from experiments.benchmarks import harness
+from experiments.benchmarks.stepcase import SWITCH_DEFAULTS, build_phase, make_call
 
 LAYOUT_OPS = {
   "transpose",
@@ -258,7 +255,7 @@ def profile(cfg: dict[str, Any], calls: int, dump: str | None) -> dict[str, Any]
 
   return {
     "cfg": cfg,
-    "cpu": bench_util.cpu_name(),
+    "cpu": harness.cpu_name(),
     "load_avg": os.getloadavg(),
     "xla_flags": os.environ.get("XLA_FLAGS", ""),
     "compile_s": compile_s,
@@ -321,8 +318,8 @@ def print_profile(r: dict[str, Any]) -> None:
     print(f"  {row['name']:<50} {row['kind']:<22} {row['s_per_call']:.3f} s")
 
 
-def main(argv: list[str] | None = None) -> int:
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def add_arguments(p: argparse.ArgumentParser) -> None:
+  """The `profile` subcommand's options."""
   p.add_argument("--size", choices=("vitb", "tiny"), default="vitb")
   p.add_argument("--phase", choices=("train", "eval"), default="train")
   p.add_argument("--ptm", action="store_true", help="with the PTM pass")
@@ -330,7 +327,10 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--batch", type=int, default=None)
   p.add_argument("--dump", default=None, help="write the optimised HLO text here")
   p.add_argument("--json", default=None, help="write the result to this JSON file")
-  args = p.parse_args(argv)
+
+
+def run(args: argparse.Namespace, p: argparse.ArgumentParser) -> int:
+  """Runs the `profile` benchmark; `p.error` reports a bad option."""
   cfg = {
     "size": args.size,
     "ptm": args.ptm,
@@ -346,7 +346,3 @@ def main(argv: list[str] | None = None) -> int:
     with open(args.json, "w") as f:
       json.dump(r, f, indent=1)
   return 0
-
-
-if __name__ == "__main__":
-  sys.exit(main())

@@ -7,10 +7,10 @@ Two models: the demo's tiny geometry (28 px, patch 4, width 64, depth 4) and ViT
 parameters (224 px, width 768, depth 12; random backbone; heavy on a CPU, `--skip-vitb`). The first
 call (compilation + one run) is reported apart; then the median of `--repeats` calls.
 
-  python experiments/bench_ntk.py --skip-vitb                 # tiny model only
-  python experiments/bench_ntk.py --n-vitb 4 --impls native:1  # ViT-B, one implementation
-  python experiments/bench_ntk.py --demo-workdir workdirs/demo # analysis overhead of a demo run
-  python experiments/bench_ntk.py --sweep-n 8,16,32,64          # cost vs probe size N, exponents
+  python -m experiments.benchmarks ntk --skip-vitb                 # tiny model only
+  python -m experiments.benchmarks ntk --n-vitb 4 --impls native:1  # ViT-B, one implementation
+  python -m experiments.benchmarks ntk --demo-workdir workdirs/demo # analysis overhead of a demo run
+  python -m experiments.benchmarks ntk --sweep-n 8,16,32,64          # cost vs probe size N, exponents
   ... --json                                                   # one JSON object on the last line
 
 The sweep mode times one implementation (`--sweep-impl`, default native:1) on the tiny model for
@@ -28,15 +28,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import pathlib
 import statistics
-import subprocess
-import sys
 import time
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from experiments import bench_util
+from experiments.benchmarks import harness
 
 ALL_IMPLS = (
   "native:1",
@@ -59,8 +55,7 @@ def _model(kind: str):
   """(spec, params) of the demo-sized or ViT-B/16-sized NTK-CL, random weights."""
   import jax
 
-  from ntkcl_jax.models.ntkcl import ModelSpec, init_params
-  from ntkcl_jax.models.vit import ViTSpec
+  from ntkcl_jax import ModelSpec, ViTSpec, init_params
 
   if kind == "tiny":
     vit = ViTSpec(image_size=28, patch_size=4, width=64, depth=4, num_heads=4, mlp_dim=128)
@@ -154,10 +149,18 @@ def sweep_point(n: int, impl: str, repeats: int, k: int) -> dict:
   import jax
 
   jax.block_until_ready(_model("tiny"))  # compile and run the init before the baseline
-  before = bench_util.proc_status_bytes("VmRSS")
+  before = harness.proc_status_bytes("VmRSS")
   (row,) = time_kernels("tiny", n, [impl], repeats, k)
-  peak = bench_util.peak_rss_bytes()
+  peak = harness.peak_rss_bytes()
   return {**row, "rss_before_bytes": before, "added_peak_bytes": peak - before}
+
+
+def sweep_worker(cfg: dict) -> dict:
+  """The harness worker of one sweep point (`SWEEP_WORKER`): `sweep_point` on `cfg`."""
+  return sweep_point(cfg["n"], cfg["impl"], cfg["repeats"], cfg["k"])
+
+
+SWEEP_WORKER = "experiments.benchmarks.ntk:sweep_worker"
 
 
 def fit_exponent(ns, values) -> float:
@@ -167,18 +170,15 @@ def fit_exponent(ns, values) -> float:
   return float(np.polyfit(np.log(ns), np.log(values), 1)[0])
 
 
-def sweep(ns: list[int], impl: str, repeats: int, k: int) -> dict:
+def sweep(ns: list[int], impl: str, repeats: int, k: int, timeout: float = 3600.0) -> dict:
   """Time and added memory vs N (a subprocess each) and their fitted exponents."""
   points = []
   for n in ns:
-    cmd = [sys.executable, __file__, "--sweep-worker", str(n), "--sweep-impl", impl]
-    cmd += ["--repeats", str(repeats), "--k", str(k)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
-    lines = [x for x in proc.stdout.splitlines() if x.startswith("SWEEP_POINT ")]
-    if proc.returncode or not lines:
-      tail = " | ".join(proc.stderr.strip().splitlines()[-3:])
-      raise SystemExit(f"sweep point N={n} failed (exit {proc.returncode}): {tail}")
-    points.append(json.loads(lines[-1][len("SWEEP_POINT ") :]))
+    cfg = {"n": n, "impl": impl, "repeats": repeats, "k": k}
+    point = harness.run_worker_process(SWEEP_WORKER, cfg, timeout)
+    if "model" not in point:  # the process failed (a failing kernel is a row with "error")
+      raise SystemExit(f"sweep point N={n} failed: {point.get('error')}")
+    points.append(point)
   ok = [p for p in points if "error" not in p]
   out = {"impl": impl, "points": points}
   if len(ok) >= 2:
@@ -226,8 +226,8 @@ def _table(rows: list[dict]) -> str:
   return "\n".join(lines)
 
 
-def main(argv=None) -> int:
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_arguments(p: argparse.ArgumentParser) -> None:
+  """The `ntk` subcommand's options."""
   p.add_argument("--impls", default=",".join(ALL_IMPLS), help="backend:impl,... to time")
   p.add_argument("--n-tiny", type=int, default=16, help="probe images, tiny model")
   p.add_argument("--n-vitb", type=int, default=4, help="probe images, ViT-B/16 model")
@@ -238,14 +238,11 @@ def main(argv=None) -> int:
   p.add_argument("--demo-workdir", help="report the analysis overhead of this run instead")
   p.add_argument("--sweep-n", default="", help="comma-separated probe sizes (tiny model)")
   p.add_argument("--sweep-impl", default="native:1", help="backend:impl for --sweep-n")
-  p.add_argument("--sweep-worker", type=int, help=argparse.SUPPRESS)
   p.add_argument("--json", action="store_true", help="one JSON object on the last line")
-  args = p.parse_args(argv)
 
-  if args.sweep_worker:
-    point = sweep_point(args.sweep_worker, args.sweep_impl, args.repeats, args.k)
-    print("SWEEP_POINT " + json.dumps(point), flush=True)
-    return 0
+
+def run(args: argparse.Namespace, p: argparse.ArgumentParser) -> int:
+  """Runs the `ntk` benchmark; `p.error` reports a bad option."""
 
   if args.sweep_n:
     result = sweep([int(x) for x in args.sweep_n.split(",")], args.sweep_impl, args.repeats, args.k)
@@ -288,7 +285,3 @@ def main(argv=None) -> int:
   if args.json:
     print(json.dumps(result))
   return 0
-
-
-if __name__ == "__main__":
-  sys.exit(main())

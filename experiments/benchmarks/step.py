@@ -2,18 +2,20 @@
 
 Commands (from the repository root)::
 
-  python experiments/bench_step.py --size tiny                       # demo geometry, quick
-  python experiments/bench_step.py --size vitb --repeats 3           # ViT-B/16 224 px, batch 16
-  python experiments/bench_step.py --size all --ablate --json        # per-change table, JSON last
-  python experiments/bench_step.py --size vitb --ptm off --dtype bfloat16 --repeats 2
+  python -m experiments.benchmarks step --size tiny                       # demo geometry, quick
+  python -m experiments.benchmarks step --size vitb --repeats 3           # ViT-B/16 224 px, batch 16
+  python -m experiments.benchmarks step --size all --ablate --json        # per-change table, JSON last
+  python -m experiments.benchmarks step --size vitb --ptm off --dtype bfloat16 --repeats 2
 
 What is measured, per configuration (size × PTM pass × dtype × optimisation switches) and phase:
 
-* train: `jax.jit(make_train_step(...), donate_argnums=(0,))` exactly as `ntkcl_jax.train` builds
-  it (SGD with momentum and weight decay on the trainable partition, the full reference-mode loss:
-  three CEs, L_MI, L_orth, L_reg), at a mid-stream task (k_t = s_t = 10 for ViT-B, 2 for tiny).
-* eval: `jax.jit(make_eval_fn(...))`: eval-mode features and the section-weighted prototype
-  logits (top-1/top-5), C = 100 (ViT-B) or 10 (tiny) classes.
+* train: the trainer's own jitted step, `steps.build_programs(...).train_step`, assembled from the
+  run plan as the trainer assembles it (`stepcase.assemble`: SGD with momentum and weight decay on
+  the trainable partition, the full reference-mode loss: three CEs, L_MI, L_orth, L_reg; lr and key
+  from the step counter; the non-finite check; state donated), at task 1 of the stream (k_t = s_t
+  = 10 for ViT-B, 2 for tiny).
+* eval: `Programs.predict`: eval-mode features and the section-weighted prototype logits
+  (top-1/top-5), C = 100 (ViT-B) or 10 (tiny) classes.
 
 The backbone is random (geometry is what matters for cost). Compile time (`lower` + `compile`)
 and the first call are reported apart; the step time is the median and min of `--repeats` further
@@ -24,10 +26,10 @@ temporary buffer (`compiled.memory_analysis().temp_size_in_bytes`) is printed to
 matmul rate (a jitted n×n @ n×n dot, 2n³ FLOPs, float32 and bfloat16) is measured in this process
 on the same device, before and after the configurations, to turn FLOP/s into a utilisation ratio.
 
-Layout: this file is the CLI and the parent (matmul rate, configurations, rounds, baselines);
-`bench_step_worker.py` builds and times one (configuration, phase) and holds the sizes, switches and
-`analytic_flops`; `bench_step_tables.py` prints the tables; `bench_util.py` has the timing loop,
-memory fields, worker processes and JSON output shared with the PyTorch baselines.
+Layout: this module is the subcommand and the parent (matmul rate, configurations, rounds,
+baselines); `stepcase.py` builds and times one (configuration, phase) and holds the sizes, switches
+and `analytic_flops`; `step_tables.py` prints the tables; `harness.py` has the timing loop, memory
+fields, worker processes and JSON output shared with the PyTorch baseline.
 
 FLOPs per image come from XLA (`compiled.cost_analysis()["flops"]` / batch; it counts a dot as
 2·M·N·K plus one per elementwise op) and from the analytic count of `analytic_flops` (matmuls
@@ -41,14 +43,15 @@ state buffers undonated (train step only). `--ablate` runs, per size and PTM set
 optimisations on (the default) against each one changed alone (`ABLATIONS`; a train-only change
 is measured on the train step only), and prints the ratio table.
 
-Baselines for the float32 all_on rows: `--vs-torch` runs, right after each of our (PTM, phase)
-workers, the same configuration of `bench_torch_reference.py` (the official NTK-CL step's
-computation in PyTorch; needs `pip install torch==2.13.0`) and prints ours/PyTorch ratios of
-images/s and peak RSS from the same run; rounds alternate the order. The figures quoted in the
-performance targets (`REFERENCE`, measured on other 2-core CPUs) are printed too, for orientation.
+Baseline for the float32 all_on rows: `--vs-official DIR` runs, right after each of our (PTM,
+phase) workers, the official NTK-CL step itself (`experiments/parity/bench_official.py`: the
+released code, unmodified, through the parity stand-ins; needs `pip install torch==2.13.0`) and
+prints ours/official ratios of images/s and peak RSS from the same run; rounds alternate the
+order. (The project's own PyTorch re-implementation of the step, `--vs-torch`, was retired in
+favour of the official code.) The figures quoted in the performance targets (`REFERENCE`,
+measured on other 2-core CPUs) are printed too, for orientation.
 
-  python experiments/bench_step.py --size vitb --vs-torch --rounds 2 --json   # side by side
-  python experiments/bench_step.py --size vitb --vs-official /tmp/ntkcl_official --rounds 2  # the
+  python -m experiments.benchmarks step --size vitb --vs-official /tmp/ntkcl_official --rounds 2  # the
       # official step itself (experiments/parity/bench_official.py), same run, alternating order
 """
 
@@ -58,63 +61,54 @@ import argparse
 import importlib.util
 import itertools
 import os
-import pathlib
-import sys
 import time
 from typing import Any
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from experiments import bench_util
-from experiments.bench_step_tables import (  # noqa: F401  (REFERENCE, best_of_rounds: API)
+from experiments.benchmarks import harness
+from experiments.benchmarks.step_tables import (
   ABLATIONS,
-  REFERENCE,
   ablation_table,
-  best_of_rounds,
   print_reference,
   print_results,
-  print_vs_torch,
+  print_vs_baseline,
   variant,
 )
-from experiments.bench_step_worker import (  # noqa: F401  (SIZES, analytic_flops: API)
-  SIZES,
+from experiments.benchmarks.stepcase import (
   SWITCH_DEFAULTS,
   TRAIN_ONLY,
-  analytic_flops,
-  run_worker,
 )
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-BASELINES = {  # framework -> worker script (PyTorch workers: no JAX imported there)
-  "torch": os.path.join(HERE, "bench_torch_reference.py"),
-  "official": os.path.join(HERE, "parity", "bench_official.py"),
+WORKER = "experiments.benchmarks.stepcase:run_worker"
+BASELINES = {  # framework -> worker (PyTorch workers: no JAX imported there)
+  "official": "experiments.parity.bench_official:run_worker",
 }
 
 
 def dot_rate(n: int, dtype: str, repeats: int) -> dict[str, Any]:
-  """FLOP/s of a jitted (n, n) @ (n, n) dot in `dtype` (`bench_util.matmul_rate`)."""
+  """FLOP/s of a jitted (n, n) @ (n, n) dot in `dtype` (`harness.matmul_rate`)."""
   import jax
   import jax.numpy as jnp
 
   a, b = (jax.random.normal(jax.random.key(i), (n, n), jnp.dtype(dtype)) for i in (0, 1))
   f = jax.jit(jnp.dot)
-  return bench_util.matmul_rate(lambda: jax.block_until_ready(f(a, b)), n, dtype, repeats)
+  return harness.matmul_rate(lambda: jax.block_until_ready(f(a, b)), n, dtype, repeats)
 
 
 def run_baseline(
   framework: str, cfg: dict[str, Any], timeout: float, **extra: Any
 ) -> dict[str, Any]:
-  """A PyTorch baseline's worker (`BASELINES`: `bench_torch_reference.py`, the official step's
-  computation; `parity/bench_official.py`, the released code itself, unmodified, through the
-  parity stand-ins) for the same size, PTM, phase, repeats and batch, in its own process with all
-  CPU threads, tagged as this script's all_on float32 configuration."""
+  """A PyTorch baseline's worker (`BASELINES`: `parity/bench_official.py`, the released code
+  itself, unmodified, through the parity stand-ins) for the same size, PTM, phase, repeats and
+  batch, in its own process with all CPU threads, tagged as this command's all_on float32
+  configuration."""
   keys = ("size", "ptm", "phase", "repeats", "batch")
   bcfg = {**{k: cfg[k] for k in keys}, "threads": os.cpu_count() or 1, **extra}
-  r = bench_util.run_worker_process(BASELINES[framework], bcfg, timeout)
+  r = harness.run_worker_process(BASELINES[framework], bcfg, timeout)
   return {**r, "dtype": "float32", **SWITCH_DEFAULTS, "framework": framework}
 
 
-def main(argv: list[str] | None = None) -> int:
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def add_arguments(p: argparse.ArgumentParser) -> None:
+  """The `step` subcommand's options."""
   p.add_argument("--size", choices=("vitb", "tiny", "all"), default="tiny")
   p.add_argument("--ptm", choices=("off", "on", "both"), default="both", help="PTM pass")
   p.add_argument("--dtype", default="float32", help="float32, bfloat16 or both comma-separated")
@@ -134,9 +128,6 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--worker-timeout", type=float, default=3600.0)
   p.add_argument("--json", action="store_true", help="print one JSON object on the last line")
   p.add_argument(
-    "--vs-torch", action="store_true", help="time bench_torch_reference.py's step beside ours"
-  )
-  p.add_argument(
     "--vs-official",
     metavar="DIR",
     default=None,
@@ -146,20 +137,15 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument(
     "--xla-flags", default=None, help="extra XLA_FLAGS for this run and its workers (appended)"
   )
-  p.add_argument("--worker", help=argparse.SUPPRESS)
-  args = p.parse_args(argv)
+
+
+def run(args: argparse.Namespace, p: argparse.ArgumentParser) -> int:
+  """Runs the `step` benchmark; `p.error` reports a bad option combination."""
   if args.xla_flags:
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {args.xla_flags}".strip()
 
-  if args.worker:
-    return bench_util.serve_worker(run_worker, args.worker)
-
-  if args.vs_torch and importlib.util.find_spec("torch") is None:
-    p.error("--vs-torch needs PyTorch: pip install torch==2.13.0 (the CPU wheel)")
   if args.vs_official and importlib.util.find_spec("torch") is None:
     p.error("--vs-official needs PyTorch: pip install torch==2.13.0 (the CPU wheel)")
-  if args.vs_torch and args.no_subprocess:
-    p.error("--vs-torch compares per-process peak memory: drop --no-subprocess")
 
   import jax
 
@@ -190,12 +176,12 @@ def main(argv: list[str] | None = None) -> int:
   dot_fns = {
     d: (lambda d=d: dot_rate(args.dot_size, d, args.dot_repeats)) for d in ("float32", "bfloat16")
   }
-  dots_before = bench_util.dot_rates(dot_fns, "before")
+  dots_before = harness.dot_rates(dot_fns, "before")
 
-  results, torch_results, official_results = [], [], []
+  results, official_results = [], []
   # Rounds alternate the variant order (A B C D, D C B A, ...); tables use each best round.
   for rnd in range(args.rounds):
-    order = bench_util.alternate(variants, rnd)
+    order = harness.alternate(variants, rnd)
     for size, ptm, dtype, sw, phase in itertools.product(sizes, ptms, dtypes, order, phases):
       if args.ablate and phase == "eval" and any(sw[k] != SWITCH_DEFAULTS[k] for k in TRAIN_ONLY):
         continue  # the eval step is the all_on one
@@ -210,24 +196,19 @@ def main(argv: list[str] | None = None) -> int:
         **sw,
       }
       baseline = dtype == "float32" and variant(sw) == "all_on"
-      frameworks = ["jax"] + (["torch"] if args.vs_torch and baseline else [])
-      frameworks += ["official"] if args.vs_official and baseline else []
-      for framework in bench_util.alternate(frameworks, rnd):
+      frameworks = ["jax"] + (["official"] if args.vs_official and baseline else [])
+      for framework in harness.alternate(frameworks, rnd):
         t0 = time.perf_counter()
         if framework == "jax":
-          r = bench_util.run_config(
-            __file__, run_worker, cfg, not args.no_subprocess, args.worker_timeout
-          )
-        elif framework == "official":
-          r = run_baseline(framework, cfg, args.worker_timeout, official=args.vs_official)
+          r = harness.run_config(WORKER, cfg, not args.no_subprocess, args.worker_timeout)
         else:
-          r = run_baseline(framework, cfg, args.worker_timeout)
-        {"jax": results, "torch": torch_results, "official": official_results}[framework].append(r)
+          r = run_baseline(framework, cfg, args.worker_timeout, official=args.vs_official)
+        (results if framework == "jax" else official_results).append(r)
         label = f"{framework} {size} ptm={ptm} {dtype} {variant(sw)} {phase}"
-        print(bench_util.progress_line(time.perf_counter() - t0, rnd, label, r), flush=True)
+        print(harness.progress_line(time.perf_counter() - t0, rnd, label, r), flush=True)
 
-  dots_after = bench_util.dot_rates(dot_fns, "after")
-  larger = {d: bench_util.larger_rate(dots_before[d], dots_after[d]) for d in dots_before}
+  dots_after = harness.dot_rates(dot_fns, "after")
+  larger = {d: harness.larger_rate(dots_before[d], dots_after[d]) for d in dots_before}
   dots = {d: rate for d, (rate, _) in larger.items()}
   dots_cpu = {d: per_cpu for d, (_, per_cpu) in larger.items()}
   print(
@@ -239,28 +220,21 @@ def main(argv: list[str] | None = None) -> int:
   )
   print_results(results, dots, dots_cpu)
   ref_rows = print_reference(results)
-  torch_rows = print_vs_torch(results, torch_results)
-  official_rows = print_vs_torch(
+  official_rows = print_vs_baseline(
     results, official_results, "the official NTK-CL step itself (torch column = official)"
   )
   abl_rows = ablation_table(results) if args.ablate else []
-  return bench_util.finish(
+  return harness.finish(
     args.json,
     {
       "device": f"{dev.platform} {dev.device_kind}",
       "jax": jax.__version__,
       "xla_flags": os.environ.get("XLA_FLAGS", ""),
-      **bench_util.dot_fields(dots_before, dots_after, dots, dots_cpu),
+      **harness.dot_fields(dots_before, dots_after, dots, dots_cpu),
       "results": results,
       "reference": ref_rows,
-      "torch_results": torch_results,
-      "vs_torch": torch_rows,
       "official_results": official_results,
       "vs_official": official_rows,
       "ablation": abl_rows,
     },
   )
-
-
-if __name__ == "__main__":
-  sys.exit(main())

@@ -1,15 +1,19 @@
-"""Measurement helpers shared by the benchmark scripts (memory, call timing, worker processes).
+"""The one timing and measurement library of the benchmarks: memory fields, call timing, the
+matmul rate, worker processes and JSON output.
 
 Each benchmark runs every configuration in a fresh worker process (`run_worker_process`), so the
-peak RSS it reports is that configuration's own; the worker prints one line
+peak RSS it reports is that configuration's own. A worker is named by its function's import path,
+``"package.module:function"`` (a function of one JSON-able dict returning one); the parent runs
+``python -m experiments.benchmarks.harness <target> <cfg json>``, and the worker prints one line
 ``BENCH_RESULT <json>`` that the parent reads back.
 
-Pure Python (no JAX, no NumPy): `bench_torch_reference.py` and `parity/bench_official.py` import
-it in PyTorch workers whose peak RSS is the measurement.
+Pure Python (no JAX, no NumPy): `parity/bench_official.py` runs through it in PyTorch workers
+whose peak RSS is the measurement.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import resource
@@ -21,7 +25,7 @@ from collections.abc import Callable
 from typing import Any
 
 RESULT_PREFIX = "BENCH_RESULT "
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def proc_status_bytes(field: str) -> int:
@@ -46,6 +50,21 @@ def cpu_name(fallback: str = "cpu") -> str:
   except OSError:
     pass
   return fallback
+
+
+def device_info() -> dict[str, Any]:
+  """What JAX runs on: backend, device kind, device and process counts, jax version (the fields
+  of the trainer's `summary.json` "backend"). Imports JAX."""
+  import jax
+
+  return {
+    "backend": jax.default_backend(),
+    "device_kind": jax.devices()[0].device_kind,
+    "device_count": jax.device_count(),
+    "local_device_count": jax.local_device_count(),
+    "process_count": jax.process_count(),
+    "jax_version": jax.__version__,
+  }
 
 
 def peak_rss_bytes() -> int:
@@ -139,15 +158,22 @@ def larger_rate(before: dict[str, Any], after: dict[str, Any]) -> tuple[float, f
   )
 
 
-def run_worker_process(script: str, cfg: dict[str, Any], timeout: float) -> dict[str, Any]:
-  """Runs `python script --worker <cfg json>` and returns its BENCH_RESULT (or an "error")."""
-  cmd = [sys.executable, os.path.abspath(script), "--worker", json.dumps(cfg)]
+def resolve(target: str) -> Callable[[dict[str, Any]], dict[str, Any]]:
+  """The worker function named by `target`, ``"package.module:function"``."""
+  module, _, name = target.partition(":")
+  return getattr(importlib.import_module(module), name)
+
+
+def run_worker_process(target: str, cfg: dict[str, Any], timeout: float) -> dict[str, Any]:
+  """Runs worker `target` on `cfg` in a fresh process and returns its BENCH_RESULT (or an
+  "error")."""
+  cmd = [sys.executable, "-m", "experiments.benchmarks.harness", target, json.dumps(cfg)]
   env = {
     **os.environ,
     "PYTHONPATH": os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])),
   }
   try:
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
   except subprocess.TimeoutExpired:
     return {**cfg, "error": f"timed out after {timeout:.0f} s (raise --worker-timeout)"}
   for line in reversed(proc.stdout.splitlines()):
@@ -162,23 +188,13 @@ def print_result(result: dict[str, Any]) -> None:
   print(RESULT_PREFIX + json.dumps(result), flush=True)
 
 
-def serve_worker(run_worker: Callable[[dict[str, Any]], dict[str, Any]], cfg_json: str) -> int:
-  """A script's `--worker <cfg json>` mode: runs `run_worker(cfg)` and prints its BENCH_RESULT."""
-  print_result(run_worker(json.loads(cfg_json)))
-  return 0
-
-
 def run_config(
-  script: str,
-  run_worker: Callable[[dict[str, Any]], dict[str, Any]],
-  cfg: dict[str, Any],
-  subprocess_mode: bool,
-  timeout: float,
+  target: str, cfg: dict[str, Any], subprocess_mode: bool, timeout: float
 ) -> dict[str, Any]:
-  """`run_worker(cfg)` in a fresh `script --worker` process, or in this one (RSS then mixes)."""
+  """Worker `target` on `cfg` in a fresh process, or in this one (peak RSS then mixes)."""
   if not subprocess_mode:
-    return run_worker(cfg)
-  return run_worker_process(script, cfg, timeout)
+    return resolve(target)(cfg)
+  return run_worker_process(target, cfg, timeout)
 
 
 def print_header(head: str) -> None:
@@ -215,3 +231,16 @@ def progress_line(seconds: float, rnd: int, label: str, result: dict[str, Any]) 
   """One printed progress line: elapsed time, round, configuration and images/s (or the error)."""
   status = result.get("error") or f"{result['img_s']:.3g} img/s"
   return f"  [{seconds:6.1f} s] round {rnd} {label}: {status}"
+
+
+def _worker_main(argv: list[str]) -> int:
+  """``python -m experiments.benchmarks.harness <target> <cfg json>``: one worker's run."""
+  if len(argv) != 2:
+    print("usage: python -m experiments.benchmarks.harness <module:function> <cfg json>")
+    return 2
+  print_result(resolve(argv[0])(json.loads(argv[1])))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(_worker_main(sys.argv[1:]))
