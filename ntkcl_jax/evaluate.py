@@ -85,7 +85,7 @@ def make_predict_fn(
   section_weights: tuple[float, ...],
   top_k: int = 5,
 ) -> Callable[[Any, jax.Array, jax.Array, jax.Array], tuple[jax.Array, jax.Array]]:
-  """The prototype classifier the trainer evaluates (and `bench_step.py` times).
+  """The prototype classifier the trainer evaluates (and `python -m experiments.benchmarks step` times).
 
   Args:
     features: (params, images (b, H, W, 3)) → (b, D) eval-mode features.

@@ -107,7 +107,7 @@ def _write_summaries(
       "num_devices": jax.device_count(),
       "num_processes": jax.process_count(),
       "backend": backend,
-      # train-loop throughput of this process, per task, compile step excluded (bench_loop.py);
+      # train-loop throughput of this process, per task, compile step excluded (`experiments.benchmarks loop`);
       # a stacked run's images are those of all its seeds
       "train_loop_time": train_loop_time,
       "wall_time_s": wall,

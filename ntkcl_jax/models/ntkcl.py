@@ -9,7 +9,7 @@ Shared work (exact, not approximations): block 0's attention sub-layer and MLP(L
 CLS/patch rows are identical in every pass, so they are computed once; in the last block only the
 CLS row needs queries, attention output and MLP (keys/values still use all tokens). Both can be
 switched off (`ModelSpec.share_block0`, `last_block_cls_only`) to measure what they save
-(`experiments/bench_step.py --ablate`); `ModelSpec.remat` rematerialises each block in the
+(`python -m experiments.benchmarks step --ablate`); `ModelSpec.remat` rematerialises each block in the
 backward pass (activation memory for compute: "dots" keeps the weight matmuls' outputs and
 recomputes the rest, "full" recomputes everything). None of the three changes the features.
 
@@ -64,12 +64,12 @@ class ModelSpec:
       `REMAT_POLICIES` policy): "none" stores every activation; "dots" stores the outputs of the
       weight matmuls (QKV, projections, MLP, adapters) and recomputes LayerNorms, GELUs, attention
       scores and softmax; "full" stores only the block input and recomputes the whole block.
-      Measured on the ViT-B/16 train step (2-core CPU, batch 16, `bench_step.py --ablate`):
+      Measured on the ViT-B/16 train step (2-core CPU, batch 16, `experiments.benchmarks step --ablate`):
       "dots" against "none" takes 0.89x the time and 0.78x the peak memory (0.69x XLA's planned
       temporaries; less memory traffic outweighs the recomputed elementwise work), "full" 1.05x
       the time and the same memory as "dots". Hence the default.
       "dots_all" also keeps the attention matmuls' outputs (scores, A·V; more memory, less
-      recomputation); measured against "dots" with `experiments/ab_step.py` (see
+      recomputation); measured against "dots" with `python -m experiments.benchmarks ab` (see
       experiments/results/perf/cpu_step_profile.md).
   """
 
