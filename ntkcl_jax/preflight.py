@@ -173,10 +173,18 @@ def resolve_target(name: str) -> Target:
     kwargs["chips_per_host_bounds"] = [*dims, *[1] * (3 - len(dims))]
   try:
     desc = topologies.get_topology_desc(topology_name=topology, platform="tpu", **kwargs)
-  except Exception as e:
+  except Exception as e:  # libtpu missing or busy, or a topology it rejects
+    import importlib.util
+
+    message = str(e).splitlines()[0][:300]
+    if importlib.util.find_spec("libtpu") is None:
+      hint = " Install libtpu: pip install 'jax[tpu]==0.9.2'."
+    elif "lockfile" in message:  # libtpu admits one process at a time unless told otherwise
+      hint = " Another process holds libtpu; rerun with ALLOW_MULTIPLE_LIBTPU_LOAD=1."
+    else:
+      hint = ""
     raise UnknownTargetError(
-      f"--target {name!r} ({topology}): no TPU topology ({type(e).__name__}: "
-      f"{str(e).splitlines()[0][:200]}). Install libtpu: pip install 'jax[tpu]==0.9.2'. "
+      f"--target {name!r} ({topology}): no TPU topology ({type(e).__name__}: {message}).{hint} "
       f"{valid_targets_text()}"
     ) from e
   return Target(name, topology, _one_device_per_chip(desc.devices), CHIPS[chip])

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 
@@ -15,6 +16,10 @@ import pytest
 from ntkcl_jax import preflight as pf
 from ntkcl_jax import train
 from tests import tiny_configs as tc
+
+# libtpu admits one process at a time (a lockfile) unless told otherwise; these tests only
+# compile, so another process (a second pytest, a preflight run) may hold it meanwhile.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 needs_libtpu = pytest.mark.skipif(
   importlib.util.find_spec("libtpu") is None,
