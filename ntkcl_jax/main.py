@@ -10,14 +10,15 @@ did not get that backend (a CUDA or TPU install that silently fell back to CPU).
 
 from __future__ import annotations
 
-import difflib
 import logging
 import pathlib
 import sys
-from typing import NoReturn
 
 from absl import app, flags
 from ml_collections import config_flags
+
+from ntkcl_jax.cli import fail as _fail
+from ntkcl_jax.cli import parse_flags as _parse_flags
 
 _CONFIG = config_flags.DEFINE_config_file(
   "config", None, "Experiment config file.", lock_config=True
@@ -42,51 +43,6 @@ def _initialize_distributed() -> None:
     jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   elif _MULTIHOST.value:
     jax.distributed.initialize()
-
-
-def _fail(message: str) -> NoReturn:
-  print(f"error: {message}", file=sys.stderr)
-  sys.exit(2)
-
-
-def _unknown_config_keys(argv: list[str]) -> list[str]:
-  """The `--config.<key>` overrides in argv whose key is not in the config schema."""
-  from ntkcl_jax.config import base_config, flat_config
-
-  known = set(flat_config(base_config()))
-  keys = [a[len("--config.") :].partition("=")[0] for a in argv if a.startswith("--config.")]
-  return [k for k in keys if k not in known]
-
-
-def _valid_keys_text(key: str) -> str:
-  from ntkcl_jax.config import base_config, flat_config
-
-  known = sorted(flat_config(base_config()))
-  section = key.rpartition(".")[0]
-  near = difflib.get_close_matches(key, known, n=3)
-  hint = f" Did you mean {' or '.join(repr(k) for k in near)}?" if near else ""
-  same = [k for k in known if k.rpartition(".")[0] == section]
-  if section and same:
-    return f"{hint} Valid keys under '{section}': {', '.join(same)}."
-  tops = sorted({k.partition(".")[0] + ("" if "." not in k else ".*") for k in known})
-  return f"{hint} Valid top-level keys: {', '.join(tops)}."
-
-
-def _parse_flags(argv: list[str]) -> list[str]:
-  """absl flag parsing with one `error: ...` line per problem (exit 2) instead of a traceback."""
-  try:
-    return flags.FLAGS(argv)
-  except flags.Error as e:
-    _fail(f"{e}\nPass --helpfull to see the flags.")
-  except OSError as e:  # the config file is missing or failed to load
-    _fail(str(e))
-  except (AttributeError, KeyError):  # ml_collections: an override names a key the config lacks
-    unknown = _unknown_config_keys(argv)
-    if not unknown:
-      raise
-    _fail(
-      "; ".join(f"unknown config key '{k}' (--config.{k}).{_valid_keys_text(k)}" for k in unknown)
-    )
 
 
 def main(argv: list[str]) -> int:

@@ -48,6 +48,7 @@ class SeedStack:
     stacked: bool,
     batch_sizes: Mapping[str, int],
     seed_axis_size: int = 0,
+    devices: Sequence[jax.Device] | None = None,
   ) -> SeedStack:
     """Builds the mesh; raises ValueError for a batch size the layout cannot split evenly.
 
@@ -55,16 +56,19 @@ class SeedStack:
       seeds: the seeds (one when not `stacked`).
       batch_sizes: {"train.batch_size": B, "eval.batch_size": b} (named in errors).
       seed_axis_size: devices on the seed axis of a stacked run; 0 = `seeds.seed_layout`'s rule.
+      devices: the mesh's devices; default `jax.devices()` (the trainer). `ntkcl_jax.preflight`
+        passes a TPU topology's device descriptions: the same mesh for hardware it does not have.
     """
     seeds = tuple(int(s) for s in seeds)
+    devices = list(jax.devices() if devices is None else devices)
     if not stacked:
       if len(seeds) != 1:
         raise ValueError(f"an unstacked run has one seed, got {seeds}.")
       for name, b in batch_sizes.items():
-        sharding.check_batch_size(b, name)
-      return cls(seeds, False, sharding.make_mesh())
+        sharding.check_batch_size(b, name, len(devices))
+      return cls(seeds, False, sharding.make_mesh(devices))
     mesh = seeds_lib.seed_mesh(
-      len(seeds), batch_sizes=batch_sizes, seed_axis_size=seed_axis_size or None
+      len(seeds), devices, batch_sizes=batch_sizes, seed_axis_size=seed_axis_size or None
     )
     return cls(seeds, True, mesh)
 
@@ -91,6 +95,32 @@ class SeedStack:
     if self.stacked:
       return seeds_lib.stacked_sharding(self.mesh)
     return sharding.replicated(self.mesh)
+
+  @property
+  def batch_sharding(self) -> jax.sharding.NamedSharding:
+    """Where batches live (`put_batch`): rows over "data" (and seeds over "seed" when stacked)."""
+    if self.stacked:
+      return seeds_lib.seed_batch_sharding(self.mesh)
+    return sharding.batch_sharding(self.mesh)
+
+  def backbone_sharding(self, shared: bool) -> jax.sharding.NamedSharding:
+    """Where the frozen backbone lives (`place_backbone`): replicated when the seeds share one
+    (and in a plain run), else stacked like the run state."""
+    return self.sharding if self.stacked and not shared else sharding.replicated(self.mesh)
+
+  def backbone_tree(self, backbones: Sequence[Any], shared: bool) -> Any:
+    """The backbone as the compiled functions take it, not yet placed: the one shared tree (or
+    the plain run's), else the seeds' own stacked.
+
+    Args:
+      backbones: the shared backbone (one tree), or per seed its own (`shared` False).
+    """
+    return backbones[0] if shared or not self.stacked else self.stack(list(backbones))
+
+  def place_backbone(self, backbones: Sequence[Any], shared: bool) -> Any:
+    """`backbone_tree` placed with `backbone_sharding(shared)`."""
+    tree = self.backbone_tree(backbones, shared)
+    return self.replicate(tree) if shared or not self.stacked else self.put(tree)
 
   def put(self, tree: Any) -> Any:
     """Host (or device) run state, identical on every process → placed with `self.sharding`."""

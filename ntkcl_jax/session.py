@@ -33,7 +33,7 @@ from ntkcl_jax.seed_stack import SeedStack
 from ntkcl_jax.steps import Programs
 from ntkcl_jax.train_step import TrainState, reg_targets, split_trainable
 
-__all__ = ["RunSession", "initial_state", "open_session"]
+__all__ = ["RunSession", "eval_params", "initial_run_state", "initial_state", "open_session"]
 
 log = logging.getLogger("ntkcl_jax")
 
@@ -50,6 +50,27 @@ def initial_state(
     "prototypes": jnp.zeros((method.plan.num_classes, method.feature_dim), jnp.float32),
     "reg_snapshot": reg_targets(trainable),
     **method.init_state(),
+  }
+
+
+def initial_run_state(
+  method: Method, programs: Programs, stack: SeedStack, inits: Sequence[dict[str, Any]]
+) -> dict[str, Any]:
+  """The run state at init, stacked over seeds when the run is, not yet placed on the mesh.
+
+  Pure (no data, weights or devices): `ntkcl_jax.preflight` evaluates it with `jax.eval_shape`.
+  """
+  keys = [jax.random.key(s) for s in stack.seeds]
+  return stack.stack([initial_state(method, programs, p, k) for p, k in zip(inits, keys)])
+
+
+def eval_params(state: dict[str, Any], frozen_backbone: Any) -> dict[str, Any]:
+  """{backbone, peft: {current, ema}, fusion} of a run state (stacked when seeds are)."""
+  params = state["train"].params
+  return {
+    "backbone": frozen_backbone,
+    "peft": {"current": params["peft"]["current"], "ema": state["ema"]},
+    "fusion": params["fusion"],
   }
 
 
@@ -113,12 +134,7 @@ class RunSession:
 
   def eval_params(self) -> dict[str, Any]:
     """{backbone, peft: {current, ema}, fusion} of the current state (stacked when seeds are)."""
-    params = self.state["train"].params
-    return {
-      "backbone": self.frozen_backbone,
-      "peft": {"current": params["peft"]["current"], "ema": self.state["ema"]},
-      "fusion": params["fusion"],
-    }
+    return eval_params(self.state, self.frozen_backbone)
 
   def apply_seeds(
     self, fn: Callable[..., Any], params: Any, indices: list[np.ndarray]
@@ -219,8 +235,7 @@ def open_session(
     inits: per seed, its initial parameters (`models.ntkcl.init_params`).
   """
   is_writer = jax.process_index() == 0
-  root_keys = [jax.random.key(s) for s in plan.seeds]
-  state = stack.stack([initial_state(method, programs, p, k) for p, k in zip(inits, root_keys)])
+  state = initial_run_state(method, programs, stack, inits)
   ckpts = RunCheckpoints(workdir) if is_writer or jax.process_count() > 1 else None
   progress, logs = RunProgress(), [SeedLog(s) for s in plan.seeds]
   latest = ckpts.latest() if ckpts else None

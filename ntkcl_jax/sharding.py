@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -12,10 +13,16 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec
 DATA_AXIS = "data"
 
 
-def make_mesh() -> jax.sharding.Mesh:
-  """All devices of all processes on one `data` axis, `AxisType.Auto` (JAX 0.10 defaults to
-  Explicit, under which a plain data-parallel value_and_grad raises ShardingTypeError)."""
-  return jax.make_mesh((jax.device_count(),), (DATA_AXIS,), axis_types=(AxisType.Auto,))
+def make_mesh(devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
+  """`devices` on one `data` axis, `AxisType.Auto` (JAX 0.10 defaults to Explicit, under which a
+  plain data-parallel value_and_grad raises ShardingTypeError).
+
+  Args:
+    devices: default all devices of all processes (`jax.devices()`, what the trainer runs on);
+      a compile-only tool passes a topology's device descriptions (`ntkcl_jax.preflight`).
+  """
+  devices = list(jax.devices() if devices is None else devices)
+  return jax.make_mesh((len(devices),), (DATA_AXIS,), axis_types=(AxisType.Auto,), devices=devices)
 
 
 def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
@@ -27,9 +34,11 @@ def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec())
 
 
-def check_batch_size(batch_size: int, what: str) -> None:
-  """The global batch must split evenly over devices (and hence processes)."""
-  n = jax.device_count()
+def check_batch_size(batch_size: int, what: str, num_devices: int | None = None) -> None:
+  """The global batch must split evenly over the mesh's devices (and hence processes).
+
+  `num_devices`: the mesh's device count (default `jax.device_count()`)."""
+  n = jax.device_count() if num_devices is None else int(num_devices)
   if batch_size % n:
     raise ValueError(
       f"{what}={batch_size} is not divisible by the {n} devices of the mesh; choose a multiple "

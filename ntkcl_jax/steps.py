@@ -3,9 +3,9 @@
 `build_programs(plan, method, stack)` returns every function the trainer compiles: the train
 loop step (vmapped over seeds when stacked), the eval feature and predict functions, and the
 method's own (`Method.programs`, e.g. a linear-head or ridge predictor). Building them reads no
-data or weights and compiles nothing (jit is lazy), so a compile-only tool can call it with a
-topology mesh (`SeedStack(seeds, stacked, mesh)`) and lower the functions on
-`jax.ShapeDtypeStruct` inputs.
+data or weights and compiles nothing (jit is lazy), so a compile-only tool calls it with a
+topology mesh (`SeedStack.make(..., devices=<topology devices>)`) and lowers the functions on
+`jax.ShapeDtypeStruct` inputs (`ntkcl_jax.preflight`).
 """
 
 from __future__ import annotations

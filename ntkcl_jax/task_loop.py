@@ -18,15 +18,25 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from ntkcl_jax.data.prefetch import prefetch
 from ntkcl_jax.evaluate import evaluate_stages
-from ntkcl_jax.methods import TaskEnd
+from ntkcl_jax.methods import Method, TaskEnd
+from ntkcl_jax.plan import RunPlan
+from ntkcl_jax.seed_stack import SeedStack
 from ntkcl_jax.session import RunSession
 from ntkcl_jax.train_step import Health, TaskSchedule, TrainState, bad_term_names, reg_targets
 from ntkcl_jax.workdir import ProgressBar
 
-__all__ = ["NonFiniteLossError", "run_task"]
+__all__ = [
+  "TRAIN_BATCH_KEYS",
+  "NonFiniteLossError",
+  "frozen_and_aux",
+  "run_task",
+  "task_step_trees",
+  "task_train_state",
+]
 
 log = logging.getLogger("ntkcl_jax")
 
@@ -49,46 +59,81 @@ class _TaskSteps:
     return max(self.seed_steps)
 
 
-def start_task(session: RunSession, steps: _TaskSteps) -> None:
-  """Fresh proxy head (unless the method keeps one) and optimiser state (SPEC 2.4 step 1)."""
-  state, stack, progress = session.state, session.stack, session.progress
-  params_t = dict(state["train"].params)
-  heads = [session.method.task_proxy_head(k) for k in steps.task_keys]
+# The train step's batch: these keys of a `TaskStream.train_batches` batch.
+TRAIN_BATCH_KEYS = ("image", "label", "mask")
+
+
+def task_train_state(
+  method: Method, tx: optax.GradientTransformation, stack: SeedStack, params: Any, task_keys: Any
+) -> TrainState:
+  """The train state task t starts from, not yet placed: a fresh proxy head (unless the method
+  keeps one) and optimiser state (SPEC 2.4 step 1). Pure: `preflight` evaluates its shapes."""
+  params_t = dict(params)
+  heads = [method.task_proxy_head(k) for k in task_keys]
   if heads[0] is not None:
     params_t["proxy_head"] = stack.stack(heads)
+  return TrainState(
+    params=params_t, opt_state=tx.init(params_t), step=stack.stack([jnp.int32(0)] * stack.size)
+  )
+
+
+def task_step_trees(
+  plan: RunPlan,
+  method: Method,
+  stack: SeedStack,
+  task: int,
+  task_keys: Any,
+  seed_steps: list[int],
+  epochs: int,
+  host_prototypes: list[np.ndarray],
+) -> tuple[Any, Any, Any]:
+  """(the method's task aux, schedule, health) of task t's steps, stacked, not yet placed.
+
+  `host_prototypes`: per seed, its (C, D) prototypes before the task (host NumPy).
+  """
+  k_t, s_t = plan.data.splits[task]
+  aux = stack.stack([method.task_aux(protos, task, k_t, s_t) for protos in host_prototypes])
+  schedule = stack.stack(
+    [TaskSchedule.make(k, plan.lr, max(epochs, 1), n) for k, n in zip(task_keys, seed_steps)]
+  )
+  return aux, schedule, stack.stack([Health.fresh()] * stack.size)
+
+
+def frozen_and_aux(state: dict[str, Any], frozen_backbone: Any, task_aux: Any) -> tuple[Any, Any]:
+  """The train step's (frozen, aux) arguments from the run state and the task's aux."""
+  aux = {**task_aux, "prototypes": state["prototypes"], "reg_snapshot": state["reg_snapshot"]}
+  return {"backbone": frozen_backbone, "peft": {"ema": state["ema"]}}, aux
+
+
+def start_task(session: RunSession, steps: _TaskSteps) -> None:
+  """Fresh proxy head (unless the method keeps one) and optimiser state (SPEC 2.4 step 1)."""
+  state, stack = session.state, session.stack
   state["train"] = stack.put(
-    TrainState(
-      params=params_t,
-      opt_state=session.programs.tx.init(params_t),
-      step=stack.stack([jnp.int32(0)] * stack.size),
+    task_train_state(
+      session.method, session.programs.tx, stack, state["train"].params, steps.task_keys
     )
   )
+  progress = session.progress
   progress.in_task, progress.epoch, progress.step_in_epoch = True, 0, 0
 
 
-def _step_inputs(session: RunSession, steps: _TaskSteps) -> tuple[Any, Any, Any]:
-  """(frozen, aux, schedule) of task t's steps, on the mesh."""
-  state, stack, plan = session.state, session.stack, session.plan
-  k_t, s_t = plan.data.splits[steps.task]
-  aux = stack.put(
-    stack.stack(
-      [
-        session.method.task_aux(protos, steps.task, k_t, s_t)
-        for protos in stack.host(state["prototypes"])
-      ]
+def _step_inputs(session: RunSession, steps: _TaskSteps) -> tuple[Any, Any, Any, Any]:
+  """(frozen, aux, schedule, health) of task t's steps, on the mesh."""
+  state, stack = session.state, session.stack
+  task_aux, schedule, health = stack.put(
+    task_step_trees(
+      session.plan,
+      session.method,
+      stack,
+      steps.task,
+      steps.task_keys,
+      steps.seed_steps,
+      steps.epochs,
+      stack.host(state["prototypes"]),
     )
   )
-  aux = {**aux, "prototypes": state["prototypes"], "reg_snapshot": state["reg_snapshot"]}
-  frozen = {"backbone": session.frozen_backbone, "peft": {"ema": state["ema"]}}
-  schedule = stack.put(
-    stack.stack(
-      [
-        TaskSchedule.make(k, plan.lr, max(steps.epochs, 1), n)
-        for k, n in zip(steps.task_keys, steps.seed_steps)
-      ]
-    )
-  )
-  return frozen, aux, schedule
+  frozen, aux = frozen_and_aux(state, session.frozen_backbone, task_aux)
+  return frozen, aux, schedule, health
 
 
 def _fetch_terms(session: RunSession, health, terms, steps: _TaskSteps) -> list[dict[str, float]]:
@@ -138,7 +183,7 @@ def _task_batches(
 
     batches = session.stack.batches(make, batch_size, steps.steps - start)
     for i, b in enumerate(batches, start=start):
-      yield epoch, i, {k: b[k] for k in ("image", "label", "mask")}
+      yield epoch, i, {k: b[k] for k in TRAIN_BATCH_KEYS}
 
 
 def _log_step(
@@ -160,9 +205,8 @@ def train_steps(session: RunSession, steps: _TaskSteps, bar: ProgressBar) -> dic
   """Runs the rest of task t's steps; returns its loop timing (None if no step was timed)."""
   plan, progress, state = session.plan, session.progress, session.state
   t, total = steps.task, steps.epochs * steps.steps
-  frozen, aux, schedule = _step_inputs(session, steps)
+  frozen, aux, schedule, health = _step_inputs(session, steps)
   bar.start(t, total, progress.epoch * steps.steps + progress.step_in_epoch)
-  health = session.stack.put(session.stack.stack([Health.fresh()] * session.stack.size))
   batches = _task_batches(session, steps, progress.epoch, progress.step_in_epoch)
   put = lambda x: (x[0], x[1], session.stack.put_batch(x[2], plan.batch_size))  # noqa: E731
   # steps after the first (compiling) one; checkpoint saves are timed apart, not in "seconds"

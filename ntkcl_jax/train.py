@@ -72,11 +72,9 @@ def _initial_params(
     backbone = None
     log.warning("backbone.checkpoint_path is empty: using a randomly initialised backbone.")
   inits = [init_params(method.spec, config_lib.init_key(s), backbone) for s in plan.seeds]
-  if not plan.stacked:
-    return inits, inits[0]["backbone"]
-  if plan.shared_backbone:
-    return inits, stack.replicate(backbone)
-  return inits, stack.put(stack.stack([p["backbone"] for p in inits]))
+  # placed explicitly (replicated, or stacked per seed): also what `preflight` compiles against
+  shared = [backbone] if plan.shared_backbone else [p["backbone"] for p in inits]
+  return inits, stack.place_backbone(shared, plan.shared_backbone)
 
 
 def _write_summaries(

@@ -27,8 +27,8 @@ matmul rate (a jitted n×n @ n×n dot, 2n³ FLOPs, float32 and bfloat16) is meas
 on the same device, before and after the configurations, to turn FLOP/s into a utilisation ratio.
 
 Layout: this module is the subcommand and the parent (matmul rate, configurations, rounds,
-baselines); `stepcase.py` builds and times one (configuration, phase) and holds the sizes, switches
-and `analytic_flops`; `step_tables.py` prints the tables; `harness.py` has the timing loop, memory
+baselines); `stepcase.py` builds and times one (configuration, phase) and holds the sizes and
+switches; `ntkcl_jax.flops` holds `analytic_flops`; `step_tables.py` prints the tables; `harness.py` has the timing loop, memory
 fields, worker processes and JSON output shared with the PyTorch baseline.
 
 FLOPs per image come from XLA (`compiled.cost_analysis()["flops"]` / batch; it counts a dot as

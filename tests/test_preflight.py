@@ -1,0 +1,156 @@
+"""`ntkcl_jax.preflight`: the run's functions compiled for a TPU slice without one (libtpu's
+topology descriptions), and the same program the trainer runs (the CPU target)."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import pytest
+
+from ntkcl_jax import preflight as pf
+from ntkcl_jax import train
+from tests import tiny_configs as tc
+
+# libtpu admits one process at a time (a lockfile) unless told otherwise; these tests only
+# compile, so another process (a second pytest, a preflight run) may hold it meanwhile.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+
+needs_libtpu = pytest.mark.skipif(
+  importlib.util.find_spec("libtpu") is None,
+  reason='libtpu is not installed (pip install "jax[tpu]==0.9.2"): no TPU topology to compile for',
+)
+
+
+@needs_libtpu
+@pytest.mark.parametrize("seeds", ["", "0,1"])
+def test_tiny_run_compiles_and_reports_for_a_tpu_slice(seeds):
+  report = pf.preflight(tc.tiny_config(seeds=seeds), pf.resolve_target("v5litepod-4"))
+  assert report["devices"] == 4 and report["device_kind"].startswith("TPU v5")
+  assert report["mesh"] == ({"seed": 2, "data": 2} if seeds else {"data": 4})
+  assert report["stacked"] == bool(seeds) and report["fits"] is True
+  by_name = {r["function"]: r for r in report["functions"]}
+  assert sorted(by_name) == ["features", "predict", "train_step"]
+  train_step = by_name["train_step"]
+  m = train_step["memory_per_device"]
+  assert (
+    m["peak_bytes"]
+    == m["argument_bytes"] + m["output_bytes"] - m["aliased_bytes"] + m["temp_bytes"]
+  )
+  assert m["aliased_bytes"] > 0  # the train state and health are donated
+  assert train_step["images_per_call"] == (2 if seeds else 1) * 16
+  assert train_step["flops_per_device"] > 0 and train_step["bytes_accessed_per_device"] > 0
+  assert "all-reduce" in train_step["collectives"]  # gradients summed over "data"
+  bound = train_step["roofline_bound"]["images_per_s_upper_bound"]
+  assert bound > 0 and train_step["margin_bytes"] > 0
+  text = pf.format_report(report)
+  assert "not measurements" in text and "upper bound" in text
+  json.dumps(report)  # the --json file
+
+
+@needs_libtpu
+def test_compiled_train_flops_match_the_analytic_count():
+  # At the tiny test width (16) LayerNorm, softmax, GELU and the optimiser are ~30 % of the
+  # compiled FLOPs (the analytic count is matmuls only; measured ratio 1.42). At width 256 the
+  # matmuls dominate: measured ratio 1.047 (1.03 at 384, 1.01-1.02 at ViT-B/16).
+  config = tc.tiny_config(
+    backbone__width=256,
+    backbone__mlp_dim=1024,
+    backbone__num_heads=1,
+    model__fusion_heads=1,
+  )
+  report = pf.preflight(config, pf.resolve_target("v5litepod-1"), functions=["train_step"])
+  (r,) = report["functions"]
+  ratio = r["flops_per_image"] / r["analytic_matmul_flops_per_image"]
+  assert 1.0 <= ratio <= 1.05, ratio
+
+
+@needs_libtpu
+def test_a_function_over_the_chips_hbm_exits_1_naming_it(capsys, monkeypatch):
+  # The verdict and exit status against a chip of 4 MiB HBM (the tiny train step needs ~9 MiB
+  # per device): fast. The real oversize case (XLA refuses to compile) is the slow test below.
+  monkeypatch.setitem(pf.CHIPS, "v5e", dataclasses.replace(pf.CHIPS["v5e"], hbm_bytes=4 * 2**20))
+  status = pf.main(tc.tiny_config(), "v5litepod-1", None, functions=["train_step"])
+  out, err = capsys.readouterr()
+  assert status == 1
+  assert "DOES NOT FIT" in out
+  assert "error: train_step does not fit in the 4.0 MiB HBM of a TPU v5e chip" in err
+
+
+@needs_libtpu
+@pytest.mark.slow
+def test_a_run_that_cannot_fit_exits_1_naming_the_function(capsys):
+  # 2**21 eval images of 28x28x3 float32 are 18.4 GiB per call: more than a v5e chip's 16 GiB;
+  # XLA:TPU refuses to compile it (CompileTimeHbmOom). About a minute of compilation.
+  config = tc.tiny_config(eval__batch_size=2**21)
+  status = pf.main(config, "v5litepod-1", None, functions=["features"])
+  out, err = capsys.readouterr()
+  assert status == 1
+  assert "DOES NOT FIT" in out and "CompileTimeHbmOom" in out
+  assert "error: features does not fit in the 16,384.0 MiB HBM of a TPU v5e chip" in err
+
+
+def test_unknown_target_lists_the_valid_ones():
+  proc = subprocess.run(
+    [sys.executable, "-m", "ntkcl_jax.preflight", f"--config={tc.DEMO_CONFIG}", "--target=v9-8"],
+    capture_output=True,
+    text=True,
+    env=tc.subprocess_env(1),
+    timeout=120,
+  )
+  assert proc.returncode == 2
+  errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+  assert len(errors) == 1, proc.stderr
+  assert "unknown --target 'v9-8'" in errors[0]
+  for name in ("v4-8", "v5litepod-1", "v5litepod-16", "v5p-8", "cpu", "v5e:2x2"):
+    assert name in errors[0]
+
+
+class _Recorder:
+  """The trainer's train step, recording its first call's lowering and input shardings."""
+
+  def __init__(self, fn):
+    self.fn, self.text, self.args = fn, None, None
+
+  def __call__(self, *args):
+    if self.text is None:
+      self.text = self.fn.lower(*args).as_text()
+      self.args = jax.tree_util.tree_map(
+        lambda x: (x.shape, x.dtype, x.weak_type, x.sharding), args
+      )
+    return self.fn(*args)
+
+
+def test_preflight_lowers_the_trainers_train_step(monkeypatch, tmp_path):
+  """The one code path: what `train.run` jits on the 8 CPU devices of this session and what
+  preflight lowers for those devices (target "cpu") are the same program with the same input
+  shardings."""
+  recorders = []
+
+  def build_programs(*args, **kwargs):
+    programs = pf_build_programs(*args, **kwargs)
+    recorders.append(_Recorder(programs.train_step))
+    return dataclasses.replace(programs, train_step=recorders[-1])
+
+  from ntkcl_jax import steps
+
+  pf_build_programs = steps.build_programs
+  monkeypatch.setattr(train, "build_programs", build_programs)
+  config = tc.tiny_config(train__max_tasks=1)
+  train.run(config, tmp_path / "run")
+  (trainer,) = recorders
+
+  target = pf.resolve_target("cpu")
+  assert list(target.devices) == jax.devices() and len(target.devices) == 8
+  plan, method, stack, programs = pf.build(config, target.devices)
+  args = pf.abstract_args(plan, method, stack, programs)["train_step"]
+  assert programs.train_step.lower(*args).as_text() == trainer.text
+  ours = jax.tree_util.tree_map(lambda x: (x.shape, x.dtype, x.weak_type, x.sharding), args)
+  assert jax.tree_util.tree_structure(ours) == jax.tree_util.tree_structure(trainer.args)
+  for got, want in zip(jax.tree_util.tree_leaves(ours), jax.tree_util.tree_leaves(trainer.args)):
+    assert got == want
