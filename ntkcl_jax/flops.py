@@ -3,7 +3,7 @@
 `analytic_flops(spec, num_classes, head_width, batch)` counts, per image, the matmul FLOPs of
 the forward, the train step and the eval step from the model's geometry alone. The step
 benchmark (`experiments/benchmarks/stepcase.py`) and the compile-only preflight
-(`ntkcl_jax/preflight.py`) report it next to `compiled.cost_analysis()["flops"]`.
+(`ntkcl_jax/preflight/`) report it next to `compiled.cost_analysis()["flops"]`.
 """
 
 from __future__ import annotations

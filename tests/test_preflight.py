@@ -15,6 +15,7 @@ import pytest
 
 from ntkcl_jax import preflight as pf
 from ntkcl_jax import train
+from ntkcl_jax.preflight import command as pf_command
 from tests import tiny_configs as tc
 
 # libtpu admits one process at a time (a lockfile) unless told otherwise; these tests only
@@ -75,7 +76,7 @@ def test_a_function_over_the_chips_hbm_exits_1_naming_it(capsys, monkeypatch):
   # The verdict and exit status against a chip of 4 MiB HBM (the tiny train step needs ~9 MiB
   # per device): fast. The real oversize case (XLA refuses to compile) is the slow test below.
   monkeypatch.setitem(pf.CHIPS, "v5e", dataclasses.replace(pf.CHIPS["v5e"], hbm_bytes=4 * 2**20))
-  status = pf.main(tc.tiny_config(), "v5litepod-1", None, functions=["train_step"])
+  status = pf_command.main(tc.tiny_config(), "v5litepod-1", None, functions=["train_step"])
   out, err = capsys.readouterr()
   assert status == 1
   assert "DOES NOT FIT" in out
@@ -88,7 +89,7 @@ def test_a_run_that_cannot_fit_exits_1_naming_the_function(capsys):
   # 2**21 eval images of 28x28x3 float32 are 18.4 GiB per call: more than a v5e chip's 16 GiB;
   # XLA:TPU refuses to compile it (CompileTimeHbmOom). About a minute of compilation.
   config = tc.tiny_config(eval__batch_size=2**21)
-  status = pf.main(config, "v5litepod-1", None, functions=["features"])
+  status = pf_command.main(config, "v5litepod-1", None, functions=["features"])
   out, err = capsys.readouterr()
   assert status == 1
   assert "DOES NOT FIT" in out and "CompileTimeHbmOom" in out
