@@ -3,13 +3,17 @@
 # worker, installs it with the TPU extra, and starts the same command everywhere under nohup, one
 # log per worker. Returns once every worker has started; rerunning the same command resumes.
 #
-#   experiments/launch_tpu_pod.sh [--dry-run] [--project P] [--repo URL] [--dir DIR] \
-#       <tpu-name> <zone> <commit> <config-with-args> <workdir> [--config.key=value ...]
+#   experiments/launch_tpu_pod.sh [--dry-run] [--preflight TYPE] [--project P] [--repo URL] \
+#       [--dir DIR] <tpu-name> <zone> <commit> <config-with-args> <workdir> [--config.key=value ...]
 #   e.g. experiments/launch_tpu_pod.sh my-v4-32 us-central2-b 1a2b3c4 \
 #          "experiments/configs/cifar100.py:backbone=in21k" /mnt/shared/runs/cifar_5seeds \
 #          --config.seeds=0,1,2,3,4
 #
 # --dry-run prints every gcloud command (one per line, shell-quoted) instead of running it.
+# --preflight TYPE (the slice's accelerator type, e.g. v4-32 or v5litepod-16) first compiles the
+# run's config with these overrides for that slice on this machine (`python -m ntkcl_jax.preflight`,
+# needs libtpu here, no TPU) before any gcloud call, prints the report, and stops (exit 1, or 2 for
+# an unknown type) when a function does not fit. $PYTHON (default python3) runs it.
 # --repo (default: this checkout's `origin` URL) is cloned on each worker into --dir (default
 # ~/ntkcl-jax) and <commit> checked out; with --repo local, the commit is packed here with
 # `git archive` and copied to every worker with `gcloud ... scp --worker=all` instead (workers
@@ -24,20 +28,21 @@
 # writes its part of each checkpoint.
 set -euo pipefail
 
-DRY_RUN=0 PROJECT="" REPO="" DIR='~/ntkcl-jax'
+DRY_RUN=0 PREFLIGHT="" PROJECT="" REPO="" DIR='~/ntkcl-jax'
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --dry-run) DRY_RUN=1; shift ;;
+    --preflight) PREFLIGHT=$2; shift 2 ;;
     --project) PROJECT=$2; shift 2 ;;
     --repo) REPO=$2; shift 2 ;;
     --dir) DIR=$2; shift 2 ;;
-    -h|--help) sed -n '2,26p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,28p' "$0"; exit 0 ;;
     --*) echo "error: unknown option $1" >&2; exit 2 ;;
     *) break ;;
   esac
 done
 if [[ $# -lt 5 ]]; then
-  echo "usage: $0 [--dry-run] [--project P] [--repo URL|local] [--dir DIR] <tpu-name> <zone> <commit> <config> <workdir> [--config.key=value ...]" >&2
+  echo "usage: $0 [--dry-run] [--preflight TYPE] [--project P] [--repo URL|local] [--dir DIR] <tpu-name> <zone> <commit> <config> <workdir> [--config.key=value ...]" >&2
   exit 2
 fi
 TPU=$1 ZONE=$2 COMMIT=$3 CONFIG=$4 WORKDIR=$5
@@ -59,6 +64,18 @@ fi
 if ! [[ "$COMMIT" =~ ^[0-9a-fA-F]{7,40}$ ]]; then
   echo "error: <commit> must be a commit hash (7-40 hex digits), got '$COMMIT'" >&2
   exit 2
+fi
+
+# 0. Preflight: does the run fit the slice? Compiled here, before anything is booked or started.
+if [[ -n "$PREFLIGHT" ]]; then
+  echo "preflight: compiling $CONFIG for a $PREFLIGHT slice on this machine" >&2
+  status=0
+  (cd "$HERE" && "${PYTHON:-python3}" -m ntkcl_jax.preflight --config "$CONFIG" \
+    --target "$PREFLIGHT" "${OVERRIDES[@]}") || status=$?
+  if [[ $status != 0 ]]; then
+    echo "error: preflight for $PREFLIGHT failed (exit $status, report above); nothing was started on $TPU." >&2
+    exit "$status"
+  fi
 fi
 
 GCLOUD=(gcloud compute tpus tpu-vm)

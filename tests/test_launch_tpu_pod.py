@@ -7,6 +7,7 @@ import os
 import pathlib
 import shlex
 import subprocess
+import sys
 
 import pytest
 
@@ -112,3 +113,28 @@ def test_config_overrides_reach_every_worker_and_other_arguments_fail(fake_gclou
   assert main[-2:] == ["--config.train.platform=tpu", "--config.seeds=0,1,2,3,4"]
   r = _launch(env, "--repo", "local", "pod", "zone", COMMIT, CONFIG, "/w", "--seeds=0,1")
   assert r.returncode == 2 and "must be config overrides" in r.stderr
+
+
+def test_preflight_of_an_unknown_slice_stops_before_any_gcloud_call(fake_gcloud):
+  env, log = fake_gcloud
+  env = {**env, "PYTHON": sys.executable}
+  args = ("--preflight", "v9-8", "--repo", "https://example.com/x.git")
+  r = _launch(env, *args, "pod", "zone", COMMIT, CONFIG, "/mnt/runs/c0")
+  assert r.returncode == 2, r.stderr[-2000:]
+  assert "unknown --target 'v9-8'" in r.stderr and "v5litepod-8" in r.stderr
+  assert "nothing was started on pod" in r.stderr
+  assert _calls(log) == []
+
+
+def test_preflight_that_fits_prints_the_report_then_launches(fake_gcloud):
+  """`--preflight cpu` (this machine's devices) compiles the tiny demo run, then the launch goes on."""
+  from tests import tiny_configs as tc
+
+  env, _ = fake_gcloud
+  env = {**env, **tc.subprocess_env(1), "PYTHON": sys.executable}
+  args = ("--dry-run", "--preflight", "cpu", "--repo", "https://example.com/x.git")
+  flags = [f for f in tc.cli_flags() if not f.startswith("--config.data.max_")]
+  r = _launch(env, *args, "pod", "zone", COMMIT, "experiments/configs/demo.py", "/w", *flags)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert "train_step" in r.stdout and "predict" in r.stdout  # the preflight report
+  assert r.stdout.count("compute tpus tpu-vm ssh pod") == 2  # then the (dry-run) launch
