@@ -4,14 +4,14 @@
 loop step (vmapped over seeds when stacked), the eval feature and predict functions, and the
 method's own (`Method.programs`, e.g. a linear-head or ridge predictor). Building them reads no
 data or weights and compiles nothing (jit is lazy), so a compile-only tool calls it with a
-topology mesh (`SeedStack.make(..., devices=<topology devices>)`) and lowers the functions on
+topology mesh (`seed_stack(plan, <topology devices>)`) and lowers the functions on
 `jax.ShapeDtypeStruct` inputs (`ntkcl_jax.preflight`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -25,7 +25,7 @@ from ntkcl_jax.seed_stack import SeedStack
 from ntkcl_jax.seeds import skip_empty_batches
 from ntkcl_jax.train_step import make_loop_step, with_matmul_precision
 
-__all__ = ["Programs", "build_programs", "optimizer"]
+__all__ = ["Programs", "build_programs", "optimizer", "seed_stack"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +57,13 @@ def optimizer(plan: RunPlan) -> optax.GradientTransformation:
   return make_optimizer(plan.weight_decay, plan.momentum)
 
 
+def seed_stack(plan: RunPlan, devices: Sequence[Any] | None = None) -> SeedStack:
+  """The run's seeds on a mesh of `devices` (default `jax.devices()`; preflight passes a target
+  topology's): one plain run, or the stacked seeds on the (seed, data) mesh."""
+  batch_sizes = {"train.batch_size": plan.batch_size, "eval.batch_size": plan.eval_batch_size}
+  return SeedStack.make(plan.seeds, plan.stacked, batch_sizes, plan.seed_axis_size, devices)
+
+
 def build_programs(plan: RunPlan, method: Method, stack: SeedStack) -> Programs:
   """Assembles (without compiling) the jitted functions of `method` on `stack`'s mesh."""
   model = NTKCL(method.spec)
@@ -67,9 +74,8 @@ def build_programs(plan: RunPlan, method: Method, stack: SeedStack) -> Programs:
   train_step = None
   if method.takes_steps:
     loop_step = make_loop_step(method.train_step(model, tx), check_aux)
-    if (
-      stack.stacked
-    ):  # (state, health, frozen, aux, batch, schedule): per seed but a shared backbone
+    if stack.stacked:
+      # (state, health, frozen, aux, batch, schedule): per seed, but a shared backbone
       loop_step = stack.vmap(
         skip_empty_batches(loop_step, batch_argnum=4, num_carried=2),
         (0, 0, {"backbone": backbone_axis, "peft": 0}, 0, 0, 0),

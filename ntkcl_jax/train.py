@@ -32,7 +32,7 @@ from ntkcl_jax.plan import RunPlan
 from ntkcl_jax.run_state import accuracy_matrix, build_streams, check_inputs
 from ntkcl_jax.seed_stack import SeedStack
 from ntkcl_jax.session import RunSession, open_session
-from ntkcl_jax.steps import build_programs
+from ntkcl_jax.steps import build_programs, seed_stack
 from ntkcl_jax.task_loop import NonFiniteLossError, run_task
 from ntkcl_jax.workdir import (
   ProgressBar,
@@ -183,8 +183,7 @@ def run(
   # -- data: the seeds differ only in class order (same splits, tasks, sources) --------------------
   streams = build_streams(plan.data, plan.seeds)
   # -- mesh -------------------------------------------------------------------------------------
-  batch_sizes = {"train.batch_size": plan.batch_size, "eval.batch_size": plan.eval_batch_size}
-  stack = SeedStack.make(plan.seeds, plan.stacked, batch_sizes, plan.seed_axis_size)
+  stack = seed_stack(plan)
   if plan.stacked:
     log.info(
       "%d seeds %s stacked on a %s mesh", stack.size, list(plan.seeds), dict(stack.mesh.shape)

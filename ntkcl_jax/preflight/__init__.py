@@ -78,12 +78,10 @@ def build(config: Any, devices: Sequence[Any]) -> tuple[Any, Any, Any, Any]:
   """(plan, method, stack, programs) of `config` on a mesh of `devices` (the trainer's path)."""
   from ntkcl_jax import methods
   from ntkcl_jax import plan as plan_lib
-  from ntkcl_jax.seed_stack import SeedStack
-  from ntkcl_jax.steps import build_programs
+  from ntkcl_jax.steps import build_programs, seed_stack
 
   plan = plan_lib.resolve(config)
-  batch_sizes = {"train.batch_size": plan.batch_size, "eval.batch_size": plan.eval_batch_size}
-  stack = SeedStack.make(plan.seeds, plan.stacked, batch_sizes, plan.seed_axis_size, devices)
+  stack = seed_stack(plan, devices)
   method = methods.build(plan)
   return plan, method, stack, build_programs(plan, method, stack)
 
