@@ -7,6 +7,7 @@ import os
 import pathlib
 
 from ntkcl_jax.data.sources.arrays import (
+  FASHION_MNIST_DIR,
   animal_mnist,
   animal_mnist_dir,
   fashion_mnist,
@@ -80,6 +81,12 @@ def _layout_text(data_dir: pathlib.Path, name: str) -> str:
   return "\n".join(lines)
 
 
+def _benchmark(name: str) -> Benchmark:
+  if name not in BENCHMARKS:
+    raise ValueError(f"unknown benchmark {name!r}; valid names: {', '.join(sorted(BENCHMARKS))}.")
+  return BENCHMARKS[name]
+
+
 def make_source(name: str, split: str, data_dir: str | os.PathLike | None = None):
   """The source for one benchmark split (SPEC 6).
 
@@ -97,10 +104,8 @@ def make_source(name: str, split: str, data_dir: str | os.PathLike | None = None
     ValueError: unknown name or split, or a class-count / class-name mismatch between splits.
     FileNotFoundError: data missing; the message shows the expected layout and how to get it.
   """
-  if name not in BENCHMARKS:
-    raise ValueError(f"unknown benchmark {name!r}; valid names: {', '.join(sorted(BENCHMARKS))}.")
+  bench = _benchmark(name)
   split = _check_split(split)
-  bench = BENCHMARKS[name]
   if bench.kind == "animal_mnist":
     source = animal_mnist(split)
   elif bench.kind == "fashion_mnist":
@@ -123,15 +128,13 @@ def missing_data(name: str, data_dir: str | os.PathLike | None = None) -> str | 
 
   Covers both splits. The message says what was looked for, where, and how to get it.
   """
-  if name not in BENCHMARKS:
-    return f"unknown benchmark {name!r}; valid names: {', '.join(sorted(BENCHMARKS))}."
-  bench = BENCHMARKS[name]
   try:
+    bench = _benchmark(name)
     if bench.kind == "animal_mnist":
       animal_mnist_dir()
     elif bench.kind == "fashion_mnist":
       for split in ("train", "test"):
-        fashion_mnist_files(split, *(() if data_dir is None else (data_dir,)))
+        fashion_mnist_files(split, data_dir or FASHION_MNIST_DIR)
     elif bench.kind == "tfds":
       return _missing_tfds(bench, data_dir)
     else:
