@@ -11,7 +11,6 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 # Tests compile many small programs; XLA's full optimisation pipeline would dominate their time.
 # The guard turns it back on (other fusions, other float32 summation orders).
-os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"] = numerics.optimizations_disabled_env()
 if "XLA_FLAGS" not in os.environ or numerics.guard_on():
   os.environ["XLA_FLAGS"] = " ".join(

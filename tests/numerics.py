@@ -82,7 +82,8 @@ def guard_on() -> bool:
 
 def optimizations_disabled_env() -> str:
   """`JAX_DISABLE_MOST_OPTIMIZATIONS` for this process and its children: "0" under the guard,
-  else what the environment says (the suite's default "1", set in conftest.py)."""
+  else what the environment says, by default "1" (the suite compiles many small programs, and
+  XLA's full pipeline would dominate its time)."""
   return "0" if guard_on() else os.environ.get("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 
 
@@ -249,26 +250,28 @@ def assert_records_close(got: Any, want: Any, accuracy_atol: float = 0.0, path: 
   `near_tie_allowance`; 0.0 = identical); `orth` within ORTH_ATOL absolute; timing fields (a
   key containing "time") are skipped; every other float within LOSS_RTOL relative.
   """
-  key = path.rpartition("/")[2]
+  _assert_close(got, want, accuracy_atol, path, field="")
+
+
+def _assert_close(got: Any, want: Any, accuracy_atol: float, path: str, field: str) -> None:
+  """`assert_records_close` at `path`; `field` is the dict key the value sits under (list items
+  inherit their list's), which picks the tolerance."""
   if isinstance(want, Mapping):
     assert isinstance(got, Mapping), path
     keys = {k for k in want if "time" not in k}
     assert {k for k in got if "time" not in k} == keys, f"{path}: keys differ"
     for k in sorted(keys):
-      sub = f"{path}/{k}"
-      assert_records_close(
-        got[k], want[k], accuracy_atol, sub if key not in ACCURACY_KEYS else path
-      )
+      _assert_close(got[k], want[k], accuracy_atol, f"{path}/{k}", k)
     return
   if isinstance(want, (list, tuple)):
     assert isinstance(got, (list, tuple)) and len(got) == len(want), f"{path}: lengths differ"
     for i, (g, w) in enumerate(zip(got, want)):
-      assert_records_close(g, w, accuracy_atol, path if key in ACCURACY_KEYS else f"{path}/{i}")
+      _assert_close(g, w, accuracy_atol, f"{path}/{i}", field)
     return
   if isinstance(want, float) and isinstance(got, (int, float)) and not isinstance(got, bool):
-    if key in ACCURACY_KEYS:
+    if field in ACCURACY_KEYS:
       assert abs(got - want) <= accuracy_atol, f"{path}: {got} vs {want} (±{accuracy_atol})"
-    elif key == "orth":
+    elif field == "orth":
       assert abs(got - want) <= ORTH_ATOL, f"{path}: {got} vs {want} (±{ORTH_ATOL})"
     else:
       assert math.isclose(got, want, rel_tol=LOSS_RTOL, abs_tol=1e-9), f"{path}: {got} vs {want}"
