@@ -7,8 +7,10 @@ train and test (SPEC 7.3), and writes (process 0 only)
 
   WORKDIR/analysis/ntk_<point>.npz   theta (N, N) float64, index, labels, task_of_row, split_of_row,
                                      class_ranges (T, 2), point, task, config_hash [, theta_tripled]
+                                     [, outputs (N, k): f on the probes, fused_feature]
   WORKDIR/analysis/ntk.jsonl         one line per point: ρ, q, ρ̄, intra retention, overlap,
-                                     spectrum / dynamics vs the previous point, measure_s
+                                     spectrum / dynamics vs the previous point, measure_s, and
+                                     at task ends output_drift (`measure.output_drift`)
 
 Points are named "init" and "task_end_<t>". `summary()` returns {"ntk": analysis.summary.analyze
 (...)} plus `overhead_s` (all time spent in the hook) and per-point `measure_s`.
@@ -33,6 +35,8 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from analysis import cl_kernels as ck
@@ -204,6 +208,9 @@ class _Session:
     self.points: dict[str, ck.BlockKernel] = {}
     self.records: dict[str, dict[str, Any]] = {}
     self.tripled: ck.BlockKernel | None = None
+    # f on the probes at each task end (fused_feature), for the output drift of old tasks
+    self.outputs: dict[int, np.ndarray] = {}
+    self.output_fn = jax.jit(f) if s.output == "fused_feature" else None
 
   def measure(self, name: str, task: int, params, prototypes, num_seen: int, num_steps=None):
     s = self.settings
@@ -230,6 +237,10 @@ class _Session:
     record = measure.point_record(
       kernel, task=task, task_end_kernels=task_end, previous=previous, num_steps=num_steps
     )
+    outputs = self.probe_outputs(params)
+    if outputs is not None and name.startswith("task_end_"):
+      self.outputs[task] = outputs
+      record["output_drift"] = measure.output_drift(outputs, self.outputs, kernel.task_of_row, task)
     record["measure_s"] = seconds
     record["num_rows"] = int(kernel.theta.shape[0])
     self.points[name], self.records[name] = kernel, record
@@ -243,6 +254,7 @@ class _Session:
         config_hash=s.config_hash,
         record=record,
         tripled=tripled,
+        outputs=outputs,
       )
     log.info(
       "analysis %s: Θ (%d rows) in %.1f s, ρ̄(all) %.3f",
@@ -253,6 +265,19 @@ class _Session:
     )
     return record
 
+  def probe_outputs(self, params) -> np.ndarray | None:
+    """(N, k) f(θ_A, x) on the probes with the kernel's projection rows (fused_feature only)."""
+    if self.output_fn is None:
+      return None
+    theta, rest = measure.split_params(params, self.settings.params)
+    projection = jnp.asarray(np.concatenate(self.projections))
+    images, size = self.probes.images, self.settings.eval_batch_size
+    chunks = [
+      self.output_fn(theta, jnp.asarray(images[i : i + size]), rest=rest, projection=projection)
+      for i in range(0, len(images), size)
+    ]
+    return np.concatenate([np.asarray(c, np.float64) for c in chunks])
+
   def resume_from_disk(self) -> None:
     """Reloads points a resumed run measured before its restart (same config hash)."""
     if not self.out_dir.exists():
@@ -260,6 +285,9 @@ class _Session:
     for name, kernel in load_points(self.out_dir, self.settings.config_hash).items():
       if kernel.theta.shape[0] == self.probes.num_rows and name not in self.points:
         self.points[name] = kernel
+        _, _, data = load_point(self.out_dir / f"ntk_{name}.npz")
+        if "outputs" in data and name.startswith("task_end_"):
+          self.outputs[point_task(name)] = data["outputs"]
     self.records.update({k: v for k, v in read_records(self.out_dir).items() if k in self.points})
     if "init" in self.points and self.tripled_meter is not None:
       _, base, data = load_point(self.out_dir / "ntk_init.npz")

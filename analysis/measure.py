@@ -39,6 +39,7 @@ __all__ = [
   "KernelMeter",
   "make_output_fn",
   "merge_params",
+  "output_drift",
   "point_record",
   "projection_matrix",
   "split_params",
@@ -175,6 +176,30 @@ class KernelMeter:
         theta, images, projection=jnp.asarray(p), **kwargs
       )
     return out
+
+
+def output_drift(
+  now: np.ndarray, then: Mapping[int, np.ndarray], task_of_row: np.ndarray, task: int
+) -> list[float]:
+  """How far each seen task's probe outputs moved since that task ended (function space).
+
+  Args:
+    now: (N, k) outputs f(θ_now, x) over every probe row. then: {i: (N, k) outputs at
+      task_end(i)}. task_of_row: (N,) task of each row. task: t, the current point's task.
+  Returns:
+    For i ≤ t: ‖f_now(X_i) − f_end(i)(X_i)‖_F / ‖f_end(i)(X_i)‖_F over task i's rows (NaN when
+    task_end(i) was not measured). To first order the numerator is J_i Δθ, the change the
+    inter-task NTK block J_i J_sᵀ of the later tasks s drives.
+  """
+  drift = []
+  for i in range(task + 1):
+    if i not in then:
+      drift.append(math.nan)
+      continue
+    rows = task_of_row == i
+    ref = then[i][rows]
+    drift.append(float(np.linalg.norm(now[rows] - ref) / max(np.linalg.norm(ref), 1e-30)))
+  return drift
 
 
 def untriple(theta4: np.ndarray) -> np.ndarray:

@@ -46,8 +46,12 @@ def save_point(
   config_hash: str = "",
   record: Mapping[str, Any] | None = None,
   tripled: ck.BlockKernel | None = None,
+  outputs: np.ndarray | None = None,
 ) -> pathlib.Path:
-  """Writes `ntk_<name>.npz` (and, with `record`, appends one `ntk.jsonl` line) in `out_dir`."""
+  """Writes `ntk_<name>.npz` (and, with `record`, appends one `ntk.jsonl` line) in `out_dir`.
+
+  `outputs`: the differentiated function's (N, k) values on the probes, stored as "outputs".
+  """
   from ntkcl_jax.metrics import MetricWriter
 
   out_dir = pathlib.Path(out_dir)
@@ -67,6 +71,8 @@ def save_point(
   }
   if tripled is not None:
     arrays["theta_tripled"] = tripled.theta
+  if outputs is not None:
+    arrays["outputs"] = np.asarray(outputs, np.float64)
   path = out_dir / f"ntk_{name}.npz"
   tmp = out_dir / f".ntk_{name}.tmp.npz"
   np.savez(tmp, **arrays)

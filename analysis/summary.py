@@ -9,6 +9,8 @@ Keys of the returned dict:
   points: measurement names in order. final_point: the one `inter_intra_ratio` / `q` come from.
   inter_intra_ratio: (T, T) ρ at the final point. q: (T, T). mean_inter_ratio: {point: ρ̄(t)}.
   intra_retention: (T, T) [t, i] = ‖Θ_ii at task_end(t)‖_F / ‖Θ_ii at task_end(i)‖_F.
+  output_drift: (T, T) [t, i] = ‖f_t(X_i) − f_i(X_i)‖_F / ‖f_i(X_i)‖_F on task i's probes (from
+    the records; NaN when not recorded).
   predictor: mode, kernel_points, lambda_rel, accuracy R̂ (T, T) %, metrics of R̂ (avg_acc = Ā,
     last_acc = A_T, forgetting, bwt), drift_forgetting F̂ (T, T) (‖Δ_s^(t)‖_F² / n_te).
   forgetting: per task s < T-1, predicted (F̂ at the last task), predicted_accuracy_drop (from R̂)
@@ -146,6 +148,7 @@ def analyze(
       n: (records[n].get("mean_inter_ratio") if records and n in records else None) for n in names
     },
     "intra_retention": _retention(task_end, num_tasks),
+    "output_drift": _output_drift(records or {}, names, num_tasks),
     "predictor": {
       "mode": used_mode,
       "kernel_points": kernel_points,
@@ -179,6 +182,19 @@ def _retention(task_end: Mapping[int, ck.BlockKernel], num_tasks: int) -> np.nda
           kern.block(i, i, "all", "all"), task_end[i].block(i, i, "all", "all")
         )
   return retention
+
+
+def _output_drift(
+  records: Mapping[str, Mapping[str, Any]], names: Sequence[str], num_tasks: int
+) -> np.ndarray:
+  """(T, T) [t, i]: task i's probe outputs' relative move from task_end(i) to task_end(t)
+  (`measure.output_drift`, recorded at fused_feature points); NaN where not recorded."""
+  drift = np.full((num_tasks, num_tasks), np.nan)
+  for n in names:
+    if n.startswith("task_end_") and "output_drift" in records.get(n, {}):
+      t = point_task(n)
+      drift[t, : t + 1] = records[n]["output_drift"]
+  return drift
 
 
 def _forgetting(

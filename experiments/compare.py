@@ -7,8 +7,11 @@ Each variant's seeds train together as one stacked run (`--config.seeds=0,1,2`, 
 vmapped over the seeds) in `<out>/<variant>`, which writes `seed_<s>/summary.json` per seed; the
 closed-form ridge variants (RanPAC, `eval.head=ridge`), which do not stack, and every variant
 under `--per-seed` run one `python -m ntkcl_jax.main` per seed in `<out>/<variant>/seed<k>`. A
-finished run is reused, an interrupted one resumes. Then `<out>/results.md`, `<out>/results.csv`
-and `<out>/results.png`.
+finished run is reused, an interrupted one resumes. Then `<out>/results.md`, `<out>/results.csv`,
+`<out>/per_seed.json` and `<out>/results.png`; `results.md` adds the NTK diagnostics of runs that
+measured them (`--extra "--config.analysis.seeds=all"` keeps the demo's diagnostics on for every
+seed; `<out>/kernel_vs_accuracy.png`) and, with `--baseline V`, each variant's paired difference
+to V over the same seeds (mean and 95 % t interval).
 """
 
 from __future__ import annotations
@@ -54,6 +57,32 @@ VARIANTS = {
     "--config.train.adapt_tasks=1",
     "--config.eval.head=ridge",
     "--config.model.use_init_ptm=True",
+  ],
+  # NTK-guided: every update projected off old tasks' tangent features (methods/ogd.py); the EMA
+  # bank stays fixed. `ntkcl_corrected_no_ema` is its projection-free twin.
+  "ntkcl_ogd": [
+    "--config.mode=corrected",
+    "--config.method=ntkcl_ogd",
+    "--config.train.use_ema=False",
+  ],
+  "ntkcl_corrected_no_ema": ["--config.mode=corrected", "--config.train.use_ema=False"],
+  # the head of `ntkcl_best`, trained on every task: projected, and its projection-free twin
+  "ntkcl_ogd_ridge": [
+    "--config.mode=corrected",
+    "--config.method=ntkcl_ogd",
+    "--config.train.use_ema=False",
+    "--config.eval.head=ridge",
+    "--config.model.use_init_ptm=True",
+    "--config.ridge.features=cpm",
+    "--config.ridge.projection_dim=2048",
+  ],
+  "ntkcl_full_ridge_no_ema": [
+    "--config.mode=corrected",
+    "--config.train.use_ema=False",
+    "--config.eval.head=ridge",
+    "--config.model.use_init_ptm=True",
+    "--config.ridge.features=cpm",
+    "--config.ridge.projection_dim=2048",
   ],
   # The recommended configuration (README "Beyond the released method"): corrected quirks, NTK-CL
   # trained on the first task only, PTM section, ridge head on the tripled features [c; p; m]
@@ -119,23 +148,78 @@ def main() -> None:
     action="store_true",
     help="one process per seed instead of one stacked run per variant",
   )
+  parser.add_argument(
+    "--baseline",
+    default="",
+    help="variant the others are compared with, seed by seed (mean difference, 95%% t interval)",
+  )
   args = parser.parse_args()
   seeds = [int(s) for s in args.seeds.split(",")]
   variants = args.variants.split(",")
-  unknown = sorted(set(variants) - set(VARIANTS))
+  unknown = sorted(set(variants + ([args.baseline] if args.baseline else [])) - set(VARIANTS))
   if unknown:
     parser.error(f"unknown variants {unknown}; valid: {sorted(VARIANTS)}")
-  rows = []
-  for variant in variants:
-    runs = variant_runs(args.config, variant, seeds, args.out, args.extra.split(), args.per_seed)
-    rows.append(report.seed_row(variant, runs))
-  print(report.write_seed_results(args.out, seeds, rows), end="")
+  if args.baseline and args.baseline not in variants:
+    variants.append(args.baseline)
+  runs = {
+    v: variant_runs(args.config, v, seeds, args.out, args.extra.split(), args.per_seed)
+    for v in variants
+  }
+  rows = [report.seed_row(v, runs[v]) for v in variants]
+  text = report.write_seed_results(args.out, seeds, rows)
+  per_seed = {v: per_seed_values(runs[v], seeds) for v in variants}
+  (args.out / "per_seed.json").write_text(json.dumps(per_seed, indent=1) + "\n")
+  text += diagnostics_table(per_seed, args.baseline)
+  (args.out / "results.md").write_text(text)
+  print(text, end="")
+  plot_accuracy(rows, args.out / "results.png")
+  if any("rho_bar" in v for rec in per_seed.values() for v in rec.values()):
+    plot_kernel_vs_accuracy(per_seed, args.out / "kernel_vs_accuracy.png")
 
-  import matplotlib
 
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+METRICS = ("avg_acc", "last_acc", "forgetting")
 
+
+def per_seed_values(summaries: list[dict], seeds: list[int]) -> dict[str, dict[str, float]]:
+  """{seed: {Ā, A_T, forgetting, and the NTK scalars when measured (`report.ntk_scalars`)}}."""
+  return {
+    str(seed): {**{k: float(s[k]) for k in METRICS}, **report.ntk_scalars(s)}
+    for seed, s in zip(seeds, summaries)
+  }
+
+
+def _mean(per_seed: dict[str, dict[str, float]], key: str) -> str:
+  values = [v.get(key, np.nan) for v in per_seed.values()]
+  if not np.isfinite(values).any():
+    return "–"
+  return f"{np.nanmean(values):.2f} ± {np.nanstd(values):.2f}"
+
+
+def diagnostics_table(per_seed: dict[str, dict], baseline: str) -> str:
+  """Markdown: the paired A_T (and Ā) difference to `baseline` and the NTK scalars per variant."""
+  head = "| variant | ρ̄ (last task) | retention of task 0 | output drift of task 0 | r(F̂, F) |"
+  lines = ["", "NTK diagnostics at the last task end, mean ± std over seeds:", "", head]
+  lines.append("|---|---|---|---|---|")
+  for v, rec in per_seed.items():
+    cells = [_mean(rec, k) for k in ("rho_bar", "retention_0", "drift_0", "predictor_r")]
+    lines.append(f"| {v} | " + " | ".join(cells) + " |")
+  if baseline:
+    lines += ["", f"Paired over the same seeds, variant − {baseline} (mean, 95 % t interval):", ""]
+    lines += ["| variant | ΔA_T | ΔĀ | Δforgetting |", "|---|---|---|---|"]
+    base = per_seed[baseline]
+    for v, rec in per_seed.items():
+      if v == baseline:
+        continue
+      cells = []
+      for k in METRICS:
+        d = report.paired_difference([rec[s][k] for s in base], [base[s][k] for s in base])
+        cells.append(f"{d['mean']:+.2f} [{d['low']:+.2f}, {d['high']:+.2f}]")
+      lines.append(f"| {v} | " + " | ".join(cells) + " |")
+  return "\n".join(lines) + "\n"
+
+
+def plot_accuracy(rows: list[tuple], path: pathlib.Path) -> None:
+  plt = report.pyplot()
   fig, ax = plt.subplots(figsize=(max(5, 0.8 * len(rows)), 3.5))
   x = np.arange(len(rows))
   ax.bar(x - 0.2, [r[1] for r in rows], 0.4, yerr=[r[2] for r in rows], label="Ā")
@@ -143,8 +227,25 @@ def main() -> None:
   ax.set_xticks(x, [r[0] for r in rows], rotation=30, ha="right", fontsize=8)
   ax.set_ylabel("accuracy (%)")
   ax.legend()
-  fig.tight_layout()
-  fig.savefig(args.out / "results.png", dpi=100)
+  report.save_figure(fig, path)
+
+
+def plot_kernel_vs_accuracy(per_seed: dict[str, dict], path: pathlib.Path) -> None:
+  """ρ̄ and task-0 retention at the last task end against A_T: one point per variant and seed."""
+  plt = report.pyplot()
+  fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), sharey=True)
+  for variant, rec in per_seed.items():
+    values = [v for v in rec.values() if "rho_bar" in v]
+    if not values:
+      continue
+    acc = [v["last_acc"] for v in values]
+    for ax, key in zip(axes, ("rho_bar", "retention_0")):
+      ax.scatter([v[key] for v in values], acc, label=variant, s=18)
+  axes[0].set_xlabel("ρ̄ over seen tasks, last task end")
+  axes[1].set_xlabel("retention of task 0's intra-task kernel")
+  axes[0].set_ylabel("A_T (%)")
+  axes[1].legend(fontsize=7)
+  report.save_figure(fig, path)
 
 
 if __name__ == "__main__":

@@ -99,7 +99,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.seeds = ""
   c.mode = "reference"
   c.quirks = ml_collections.ConfigDict({k: AUTO for k in QUIRKS})
-  # ntkcl | simplecil | seq_finetune | joint | ranpac | aper, or a `pkg.module:Class` path
+  # ntkcl | ntkcl_ogd | simplecil | seq_finetune | joint | ranpac | aper, or a `pkg.module:Class` path
   c.method = "ntkcl"  # (`methods.registry`)
 
   c.data = ml_collections.ConfigDict()
@@ -177,6 +177,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.ridge.val_fraction = 0.2  # held-out share of the current task's training data for λ
   # NTK-CL's ridge input: "m" (the test feature) or "cpm" ([c; p; m], the tripled features)
   c.ridge.features = "m"
+
+  # method=ntkcl_ogd (methods/ogd.py): the PEFT update is projected off a stored orthonormal basis
+  # of old tasks' tangent features (GPM / OGD on the PEFT Jacobian); no images are stored.
+  c.ogd = ml_collections.ConfigDict()
+  c.ogd.samples = 64  # training images per task whose tangent features enter the basis
+  c.ogd.directions = 16  # random output directions per image (a sketch of all D outputs; 0: all D)
+  c.ogd.energy = 0.97  # GPM threshold: share of a task's tangent-feature energy the basis keeps
+  c.ogd.max_rank = 1024  # columns of the stored basis (P x max_rank float32 per seed)
 
   c.analysis = ml_collections.ConfigDict()
   c.analysis.enabled = False

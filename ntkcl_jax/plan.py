@@ -63,6 +63,16 @@ class RidgeSettings:
 
 
 @dataclasses.dataclass(frozen=True)
+class OGDSettings:
+  """The tangent-feature basis of `method=ntkcl_ogd` (`methods.ogd`): what enters it, its size."""
+
+  samples: int = 64
+  directions: int = 16
+  energy: float = 0.97
+  max_rank: int = 1024
+
+
+@dataclasses.dataclass(frozen=True)
 class RunPlan:
   """Everything a run computes from, resolved from its config alone.
 
@@ -86,6 +96,7 @@ class RunPlan:
   section_weights: tuple[float, ...]
   data: DataPlan
   ridge: RidgeSettings
+  ogd: OGDSettings
   eval_head: str
   backbone_path: str
   batch_size: int
@@ -184,6 +195,7 @@ def resolve(config: ml_collections.ConfigDict) -> RunPlan:
     section_weights=config_lib.section_weights(config),
     data=_data_plan(config, method_cls.one_task),
     ridge=RidgeSettings(**config.ridge.to_dict()),
+    ogd=OGDSettings(**config.ogd.to_dict()),
     eval_head=config.eval.head,
     backbone_path=config.backbone.checkpoint_path,
     batch_size=t.batch_size,

@@ -71,6 +71,55 @@ def write_seed_results(
   return text
 
 
+def paired_difference(
+  values: Sequence[float], baseline: Sequence[float], level: float = 0.95
+) -> dict[str, float]:
+  """Mean of the per-seed differences `values − baseline` (same seeds, same order) and its
+  two-sided Student-t interval at `level` (n − 1 degrees of freedom; NaN bounds for n < 2).
+
+  Returns {"mean", "low", "high", "n"}; the interval excludes 0 when low > 0 or high < 0.
+  """
+  import scipy.stats
+
+  d = np.asarray(values, np.float64) - np.asarray(baseline, np.float64)
+  if d.ndim != 1 or d.size == 0:
+    raise ValueError(f"need two equal-length, non-empty sequences; got differences {d.shape}.")
+  mean, n = float(d.mean()), int(d.size)
+  half = (
+    float(scipy.stats.t.ppf(0.5 + level / 2, n - 1) * d.std(ddof=1) / np.sqrt(n))
+    if n > 1
+    else float("nan")
+  )
+  return {"mean": mean, "low": mean - half, "high": mean + half, "n": n}
+
+
+def ntk_scalars(summary: dict[str, Any]) -> dict[str, float]:
+  """The NTK diagnostics of one run's `summary.json` (its "ntk" section) as scalars at the end:
+
+  rho_bar: ρ̄ over the seen tasks at the last task end; retention_0: task 0's intra-task kernel
+  retention at the last task end; drift_0: task 0's relative output drift since its end
+  (`analysis.measure.output_drift`); predictor_r: Pearson r of the kernel-regime predictor's
+  forgetting F̂ with the measured accuracy drop over all pairs t > s. NaN where not measured;
+  {} without an "ntk" section.
+  """
+  ntk = summary.get("ntk")
+  if not ntk:
+    return {}
+
+  def num(x: Any) -> float:
+    return float("nan") if x is None else float(x)
+
+  last = [n for n in ntk["points"] if n.startswith("task_end_")][-1]
+  drift = ntk.get("output_drift")
+  corr = ntk.get("forgetting", {}).get("correlation_pairs", {})
+  return {
+    "rho_bar": num(ntk["mean_inter_ratio"].get(last)),
+    "retention_0": num(ntk["intra_retention"][-1][0]),
+    "drift_0": num(drift[-1][0]) if drift else float("nan"),
+    "predictor_r": num(corr.get("pearson")),
+  }
+
+
 def pyplot():
   """`matplotlib.pyplot` on the non-interactive Agg backend (files only, no display needed)."""
   import matplotlib

@@ -99,9 +99,13 @@ def task_step_trees(
   return aux, schedule, stack.stack([Health.fresh()] * stack.size)
 
 
-def frozen_and_aux(state: dict[str, Any], frozen_backbone: Any, task_aux: Any) -> tuple[Any, Any]:
-  """The train step's (frozen, aux) arguments from the run state and the task's aux."""
+def frozen_and_aux(
+  state: dict[str, Any], frozen_backbone: Any, task_aux: Any, method: Method
+) -> tuple[Any, Any]:
+  """The train step's (frozen, aux) arguments from the run state and the task's aux; aux also
+  carries the run-state entries the method's step reads (`Method.step_state`)."""
   aux = {**task_aux, "prototypes": state["prototypes"], "reg_snapshot": state["reg_snapshot"]}
+  aux.update({k: state[k] for k in method.step_state})
   return {"backbone": frozen_backbone, "peft": {"ema": state["ema"]}}, aux
 
 
@@ -132,7 +136,7 @@ def _step_inputs(session: RunSession, steps: _TaskSteps) -> tuple[Any, Any, Any,
       stack.host(state["prototypes"]),
     )
   )
-  frozen, aux = frozen_and_aux(state, session.frozen_backbone, task_aux)
+  frozen, aux = frozen_and_aux(state, session.frozen_backbone, task_aux, session.method)
   return frozen, aux, schedule, health
 
 

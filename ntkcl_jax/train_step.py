@@ -149,11 +149,17 @@ def loss_fn(
 
 
 def make_train_step(
-  model: NTKCL, weights: losses.LossWeights, tx: optax.GradientTransformation, batch_size: int
+  model: NTKCL,
+  weights: losses.LossWeights,
+  tx: optax.GradientTransformation,
+  batch_size: int,
+  constrain: Callable[[Params, dict[str, Any]], Params] | None = None,
 ) -> Callable[..., tuple[TrainState, dict[str, jax.Array]]]:
   """(state, frozen, aux, batch, key, lr) → (new state, terms). Pure; jit it with shardings.
 
-  `tx` gives the update direction (`optim.make_optimizer`); the step applies −lr times it.
+  `tx` gives the update direction (`optim.make_optimizer`); the step applies −lr times it, after
+  `constrain(direction, aux)` when given (e.g. `methods.ogd` projects it off old tasks' tangent
+  features: the whole step, momentum and weight decay included, stays in the allowed subspace).
   """
 
   def train_step(state: TrainState, frozen, aux, batch, key, lr):
@@ -162,6 +168,8 @@ def make_train_step(
       state.params, frozen, aux, batch, key, model=model, weights=weights, batch_size=batch_size
     )
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    if constrain is not None:
+      updates = constrain(updates, aux)
     params = jax.tree_util.tree_map(lambda p, u: p - lr * u, state.params, updates)
     terms["grad_norm"] = optax.global_norm(grads)
     return TrainState(params=params, opt_state=opt_state, step=state.step + 1), terms

@@ -8,7 +8,7 @@ checkpoints, evaluation, metrics and hooks; the method says
   and when it is re-drawn), `train_step` (loss and SGD step), `task_aux` (per-task step inputs),
   `epochs` (which tasks take gradient steps at all);
 - what it keeps: `init_state` (extra run state the trainer checkpoints, e.g. ridge statistics),
-  `feature_dim` (the width of the prototype rows);
+  `step_state` (which of it the train step reads), `feature_dim` (the width of the prototype rows);
 - what it does at the end of a task: `ema_after_task`, then `end_of_task` (prototypes, drift
   compensation, ridge statistics), which returns the state it changed and its predictor;
 - how it classifies: `feature_fn`, `predict_fn` and `programs` (its own jitted entry points,
@@ -228,6 +228,11 @@ class Method:
   def init_state(self) -> dict[str, jax.Array]:
     """Run state of the method's own, checkpointed with the rest (one seed's)."""
     return {}
+
+  @property
+  def step_state(self) -> tuple[str, ...]:
+    """Keys of `init_state` the train step reads: passed in its aux (`task_loop.frozen_and_aux`)."""
+    return ()
 
   # -- how it classifies ---------------------------------------------------------------------------
 

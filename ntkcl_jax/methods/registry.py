@@ -14,6 +14,7 @@ from ntkcl_jax.methods.base import Method
 # short name → import path
 BUILTIN: dict[str, str] = {
   "ntkcl": "ntkcl_jax.methods.ntkcl:NTKCLMethod",
+  "ntkcl_ogd": "ntkcl_jax.methods.ogd:NTKCLOGD",
   "simplecil": "ntkcl_jax.methods.simplecil:SimpleCIL",
   "seq_finetune": "ntkcl_jax.methods.linear:SeqFinetune",
   "joint": "ntkcl_jax.methods.linear:Joint",

@@ -122,7 +122,7 @@ def abstract_args(plan: Any, method: Any, stack: Any, programs: Any) -> dict[str
   state = _spec({**state, "train": train}, stack.sharding)
   backbone = _spec(backbone, stack.backbone_sharding(plan.shared_backbone))
   task_aux, schedule, health = _spec((task_aux, schedule, health), stack.sharding)
-  frozen, aux = frozen_and_aux(state, backbone, task_aux)
+  frozen, aux = frozen_and_aux(state, backbone, task_aux, method)
   size, lead = plan.data.image_size, (stack.size,) if stack.stacked else ()
 
   def images(batch_size: int) -> jax.ShapeDtypeStruct:  # TaskStream batches: float32 NHWC
