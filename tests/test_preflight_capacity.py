@@ -117,7 +117,14 @@ def _fake_preflight(peak_per_unit: int, hbm: int, takes_steps: bool = True):
 def test_search_probes_the_train_step_then_confirms_every_function():
   target = pf.Target("fake", "v5e:2x2", [object()] * 4, pf.CHIPS["v5e"])
   preflight, calls = _fake_preflight(peak_per_unit=100, hbm=1000)
-  report, cap = capacity.search(tc.tiny_config(), target, capacity.BATCH, 64, preflight)
+  seen = []
+  report, cap = capacity.search(
+    tc.tiny_config(), target, capacity.BATCH, 64, preflight, on_probe=seen.append
+  )
+  assert seen == cap["probes"]
+  assert capacity.format_probe(capacity.BATCH, seen[2]).startswith(
+    "probe train.batch_size=16 (mesh {'data': 4}): DOES NOT FIT, peak 1.6 KiB/device"
+  )
   assert cap["answer"] == 8 and cap["confirmed_fits"] and report["fits"]  # multiples of 4
   assert [p["value"] for p in cap["probes"]] == [4, 8, 16, 12]
   assert [p["peak_bytes"] for p in cap["probes"]] == [400, 800, 1600, 1200]

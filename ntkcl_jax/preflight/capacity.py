@@ -184,6 +184,7 @@ def search(
   what: str,
   limit: int | None = None,
   preflight: Callable[..., dict[str, Any]] | None = None,
+  on_probe: Callable[[dict[str, Any]], None] | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
   """The largest K seeds / train batch of `config` whose compiled functions fit `target`.
 
@@ -191,6 +192,7 @@ def search(
     what: SEEDS or BATCH.
     limit: the largest value searched (default `DEFAULT_LIMITS[what]`).
     preflight: `preflight.preflight` (a stand-in in tests).
+    on_probe: called with each probe's record as it completes (the command prints progress).
   Returns:
     (report, capacity): the full preflight report at the answer (at the smallest valid value when
     none fits: its searched functions only), and the search: answer, probes (value, fits, peak
@@ -210,6 +212,8 @@ def search(
       functions = None
       report = preflight(with_value(config, what, value), target, functions)
     reports[value], records[value] = report, _probe_record(value, report)
+    if on_probe is not None:
+      on_probe(records[value])
     return bool(report["fits"])
 
   t0 = time.perf_counter()
@@ -243,6 +247,17 @@ def search(
     "confirmed_fits": None if report is None or result.answer is None else report["fits"],
   }
   return report, capacity
+
+
+def format_probe(what: str, record: dict[str, Any]) -> str:
+  """One probe as a progress line."""
+  peak = record["peak_bytes"]
+  return (
+    f"probe {what}={record['value']} (mesh {record['mesh']}): "
+    f"{'fits' if record['fits'] else 'DOES NOT FIT'}, peak "
+    f"{mib(peak) if peak is not None else '(XLA refused to compile)'}/device, compiled in "
+    f"{record['compile_s']} s"
+  )
 
 
 def _what_text(what: str) -> str:

@@ -78,7 +78,13 @@ def _capacity(config: Any, target: Any, what: str, limit: int | None, json_path:
   if target.chip is None:
     fail(f"{capacity_lib.FLAGS[what]} needs a TPU target (a chip's HBM to fit); got {target.name}.")
   try:
-    report, capacity = capacity_lib.search(config, target, what, limit)
+    report, capacity = capacity_lib.search(
+      config,
+      target,
+      what,
+      limit,
+      on_probe=lambda r: print(capacity_lib.format_probe(what, r), file=sys.stderr, flush=True),
+    )
   except (ValueError, NotImplementedError) as e:
     fail(str(e))
   if report is None:
