@@ -1,4 +1,5 @@
-"""`python -m ntkcl_jax.preflight --config <config.py> --target <target> [--json FILE]`."""
+"""`python -m ntkcl_jax.preflight --config <config.py> --target <target> [--json FILE]
+[--max-seeds | --max-batch [--capacity-limit N]]`."""
 
 import sys
 
@@ -14,9 +15,36 @@ _CONFIG = config_flags.DEFINE_config_file(
 )
 _TARGET = flags.DEFINE_string("target", None, f"What to compile for; {valid_targets_text()}")
 _JSON = flags.DEFINE_string("json", None, "Also write the report as JSON to this file.")
+_MAX_SEEDS = flags.DEFINE_bool(
+  "max-seeds",
+  False,
+  "Search the largest number K of stacked seeds (--config.seeds=0,...,K-1) whose compiled "
+  "functions fit the target's per-device HBM.",
+)
+_MAX_BATCH = flags.DEFINE_bool(
+  "max-batch",
+  False,
+  "Search the largest train.batch_size (per seed) whose compiled functions fit the target's "
+  "per-device HBM (multiples of the data axis only).",
+)
+_LIMIT = flags.DEFINE_integer(
+  "capacity-limit",
+  None,
+  "Largest value --max-seeds / --max-batch searches (default 1024 seeds, batch 65536).",
+)
 flags.mark_flags_as_required(["config", "target"])
 
 if __name__ == "__main__":
   app.run(
-    lambda argv: sys.exit(main(_CONFIG.value, _TARGET.value, _JSON.value)), flags_parser=parse_flags
+    lambda argv: sys.exit(
+      main(
+        _CONFIG.value,
+        _TARGET.value,
+        _JSON.value,
+        max_seeds=_MAX_SEEDS.value,
+        max_batch=_MAX_BATCH.value,
+        capacity_limit=_LIMIT.value,
+      )
+    ),
+    flags_parser=parse_flags,
   )
