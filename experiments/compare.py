@@ -9,7 +9,7 @@ closed-form ridge variants (RanPAC, `eval.head=ridge`), which do not stack, and 
 under `--per-seed` run one `python -m ntkcl_jax.main` per seed in `<out>/<variant>/seed<k>`. A
 finished run is reused, an interrupted one resumes. Then `<out>/results.md`, `<out>/results.csv`,
 `<out>/per_seed.json` and `<out>/results.png`; `results.md` adds the NTK diagnostics of runs that
-measured them (`--extra "--config.analysis.seeds=all"` keeps the demo's diagnostics on for every
+measured them (`--extra=--config.analysis.seeds=all` keeps the demo's diagnostics on for every
 seed; `<out>/kernel_vs_accuracy.png`) and, with `--baseline V`, each variant's paired difference
 to V over the same seeds (mean and 95 % t interval).
 """
@@ -141,7 +141,7 @@ def main() -> None:
   parser.add_argument(
     "--extra",
     default="--config.analysis.enabled=False",
-    help="extra --config.x=y flags, space separated (NTK diagnostics off by default)",
+    help="extra --config.x=y flags, space separated, given as --extra=... (NTK diagnostics off by default)",
   )
   parser.add_argument(
     "--per-seed",

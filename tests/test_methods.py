@@ -11,7 +11,7 @@ from tests import tiny_configs as tc
 
 @pytest.mark.parametrize("name", sorted(methods.BUILTIN))
 def test_every_builtin_method_builds_from_its_plan(name):
-  plan = plan_lib.resolve(tc.tiny_config(method=name))
+  plan = plan_lib.resolve(tc.method_config(name))
   method = methods.build(plan)
   assert isinstance(method, methods.Method) and type(method) is methods.method_class(name)
   assert method.feature_dim > 0 and method.epochs(0, plan.num_tasks) in (0, plan.epochs)

@@ -16,6 +16,7 @@ from ntkcl_jax.seed_stack import SeedStack
 from ntkcl_jax.session import initial_state
 from ntkcl_jax.sharding import make_mesh
 from ntkcl_jax.steps import build_programs
+from ntkcl_jax.task_loop import frozen_and_aux
 from ntkcl_jax.train_step import Health, TaskSchedule
 from tests import tiny_configs as tc
 
@@ -26,7 +27,7 @@ def _abstract(tree):
 
 @pytest.mark.parametrize("name", sorted(methods.BUILTIN))
 def test_programs_lower_on_abstract_inputs(name):
-  plan = plan_lib.resolve(tc.tiny_config(method=name))
+  plan = plan_lib.resolve(tc.method_config(name))
   method = methods.build(plan)
   stack = SeedStack.single(make_mesh())
   programs = build_programs(plan, method, stack)
@@ -34,11 +35,8 @@ def test_programs_lower_on_abstract_inputs(name):
   state = jax.eval_shape(lambda p: initial_state(method, programs, p, jax.random.key(0)), params)
   k_t, s_t = plan.data.splits[0]
   protos = np.zeros(state["prototypes"].shape, np.float32)
-  aux = {
-    **_abstract(method.task_aux(protos, 0, k_t, s_t)),
-    "prototypes": state["prototypes"],
-    "reg_snapshot": state["reg_snapshot"],
-  }
+  task_aux = _abstract(method.task_aux(protos, 0, k_t, s_t))
+  frozen, aux = frozen_and_aux(state, params["backbone"], task_aux, method)
   b, size = plan.batch_size, plan.data.image_size
   batch = {
     "image": jax.ShapeDtypeStruct((b, size, size, 3), jnp.float32),
@@ -46,7 +44,6 @@ def test_programs_lower_on_abstract_inputs(name):
     "mask": jax.ShapeDtypeStruct((b,), jnp.bool_),
   }
   schedule = jax.eval_shape(lambda: TaskSchedule.make(jax.random.key(0), plan.lr, 1, 2))
-  frozen = {"backbone": params["backbone"], "peft": {"ema": state["ema"]}}
   health = jax.eval_shape(Health.fresh)
   if method.takes_steps:
     programs.train_step.lower(state["train"], health, frozen, aux, batch, schedule)

@@ -63,6 +63,15 @@ SMALL_BACKBONE: dict[str, Any] = {
 }
 
 
+# What a built-in method needs beyond the demo's settings to run (`Method.check_plan`).
+METHOD_NEEDS: dict[str, dict[str, Any]] = {"ntkcl_ogd": {"train__use_ema": False}}
+
+
+def method_config(name: str, **overrides: Any) -> ml_collections.ConfigDict:
+  """`tiny_config(method=name)` with what the method needs (`METHOD_NEEDS`)."""
+  return tiny_config(method=name, **METHOD_NEEDS.get(name, {}), **overrides)
+
+
 def tiny_overrides(small: bool = True, **overrides: Any) -> dict[str, Any]:
   """Flat `key: value` changes to the demo config (`overrides` use "__" for ".")."""
   flat = {**TINY, **(SMALL_BACKBONE if small else {})}
