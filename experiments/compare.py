@@ -197,15 +197,18 @@ def _mean(per_seed: dict[str, dict[str, float]], key: str) -> str:
 
 def diagnostics_table(per_seed: dict[str, dict], baseline: str) -> str:
   """Markdown: the paired A_T (and Ā) difference to `baseline` and the NTK scalars per variant."""
-  head = "| variant | ρ̄ (last task) | retention of task 0 | output drift of task 0 | r(F̂, F) |"
-  lines = ["", "NTK diagnostics at the last task end, mean ± std over seeds:", "", head]
-  lines.append("|---|---|---|---|---|")
-  for v, rec in per_seed.items():
-    cells = [_mean(rec, k) for k in ("rho_bar", "retention_0", "drift_0", "predictor_r")]
-    lines.append(f"| {v} | " + " | ".join(cells) + " |")
+  lines = []
+  measured = {v: rec for v, rec in per_seed.items() if any("rho_bar" in x for x in rec.values())}
+  if measured:
+    head = "| variant | ρ̄ (last task) | retention of task 0 | output drift of task 0 | r(F̂, F) |"
+    lines += ["", "NTK diagnostics at the last task end, mean ± std over seeds:", "", head]
+    lines.append("|---|---|---|---|---|")
+    for v, rec in measured.items():
+      cells = [_mean(rec, k) for k in ("rho_bar", "retention_0", "drift_0", "predictor_r")]
+      lines.append(f"| {v} | " + " | ".join(cells) + " |")
   if baseline:
     lines += ["", f"Paired over the same seeds, variant − {baseline} (mean, 95 % t interval):", ""]
-    lines += ["| variant | ΔA_T | ΔĀ | Δforgetting |", "|---|---|---|---|"]
+    lines += ["| variant | ΔĀ | ΔA_T | Δforgetting |", "|---|---|---|---|"]
     base = per_seed[baseline]
     for v, rec in per_seed.items():
       if v == baseline:
