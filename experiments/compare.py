@@ -76,6 +76,20 @@ VARIANTS = {
     "--config.ridge.features=cpm",
     "--config.ridge.projection_dim=2048",
   ],
+  # the same with the ridge head on m (the feature the basis protects exactly: every output of
+  # 32 images per task, up to 4,096 basis columns)
+  "ntkcl_ogd_ridge_m": [
+    "--config.mode=corrected",
+    "--config.method=ntkcl_ogd",
+    "--config.train.use_ema=False",
+    "--config.eval.head=ridge",
+    "--config.model.use_init_ptm=True",
+    "--config.ridge.features=m",
+    "--config.ridge.projection_dim=2048",
+    "--config.ogd.directions=0",
+    "--config.ogd.samples=32",
+    "--config.ogd.max_rank=4096",
+  ],
   "ntkcl_full_ridge_no_ema": [
     "--config.mode=corrected",
     "--config.train.use_ema=False",
