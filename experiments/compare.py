@@ -248,20 +248,26 @@ def plot_accuracy(rows: list[tuple], path: pathlib.Path) -> None:
 
 
 def plot_kernel_vs_accuracy(per_seed: dict[str, dict], path: pathlib.Path) -> None:
-  """ρ̄ and task-0 retention at the last task end against A_T: one point per variant and seed."""
+  """ρ̄, task-0 kernel retention and task-0 output drift at the last task end against A_T: one
+  point per variant and seed."""
   plt = report.pyplot()
-  fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), sharey=True)
+  keys = {
+    "rho_bar": "ρ̄ over seen tasks, last task end",
+    "retention_0": "retention of task 0's intra-task kernel",
+    "drift_0": "output drift of task 0 since its end",
+  }
+  fig, axes = plt.subplots(1, len(keys), figsize=(13, 3.6), sharey=True)
   for variant, rec in per_seed.items():
     values = [v for v in rec.values() if "rho_bar" in v]
     if not values:
       continue
     acc = [v["last_acc"] for v in values]
-    for ax, key in zip(axes, ("rho_bar", "retention_0")):
+    for ax, key in zip(axes, keys):
       ax.scatter([v[key] for v in values], acc, label=variant, s=18)
-  axes[0].set_xlabel("ρ̄ over seen tasks, last task end")
-  axes[1].set_xlabel("retention of task 0's intra-task kernel")
+  for ax, label in zip(axes, keys.values()):
+    ax.set_xlabel(label)
   axes[0].set_ylabel("A_T (%)")
-  axes[1].legend(fontsize=7)
+  axes[-1].legend(fontsize=7)
   report.save_figure(fig, path)
 
 
