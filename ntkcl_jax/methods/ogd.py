@@ -210,16 +210,13 @@ class NTKCLOGD(NTKCLMethod):
     )
 
   @property
-  def output_dim(self) -> int:
-    """D of the output whose tangent features enter the basis."""
-    cpm = self.plan.eval_head == "ridge" and self.plan.ridge.features == "cpm"
-    return self.spec.feature_dim * (3 if cpm else 1)
+  def classifies_cpm(self) -> bool:
+    """Whether the head reads [c; p; m] (`eval.head=ridge`, `ridge.features=cpm`), else m."""
+    return self.plan.eval_head == "ridge" and self.plan.ridge.features == "cpm"
 
   def output_fn(self, model: NTKCL) -> Features:
-    """The classified feature whose tangent features enter the basis."""
-    if self.plan.eval_head == "ridge" and self.plan.ridge.features == "cpm":
-      return make_cpm_feature_fn(model)
-    return make_feature_fn(model)
+    """The classified feature whose tangent features enter the basis: (b, D) or (b, 3D)."""
+    return make_cpm_feature_fn(model) if self.classifies_cpm else make_feature_fn(model)
 
   def programs(self, parts: ProgramParts) -> dict[str, Callable[..., Any]]:
     output = self.output_fn(parts.model)
@@ -251,7 +248,7 @@ class NTKCLOGD(NTKCLMethod):
       sample_indices(st.train_indices(end.task), seed, end.task, o.samples)
       for st, seed in zip(end.streams, self.plan.seeds)
     ]
-    dim = self.output_dim
+    dim = self.spec.feature_dim * (3 if self.classifies_cpm else 1)
     directions = [
       output_directions(len(idx), dim, o.directions, seed, end.task)
       for idx, seed in zip(samples, self.plan.seeds)
@@ -273,14 +270,11 @@ class NTKCLOGD(NTKCLMethod):
           stack,
         )
       )
-    rows = stack.put(
-      stack.stack(
-        [
-          np.concatenate([r[i][0] for r in rows]).reshape(-1, rows[0][i][0].shape[-1])
-          for i in range(stack.size)
-        ]
-      )
-    )  # (n·q, P)
+    width = state["ogd_basis"].shape[-2]  # P
+    per_seed = [
+      np.concatenate([r[i][0] for r in rows]).reshape(-1, width) for i in range(stack.size)
+    ]
+    rows = stack.put(stack.stack(per_seed))  # (n·q, P) per seed
     basis, rank, stats = extra["ogd_extend"](state["ogd_basis"], state["ogd_rank"], rows)
     info = [
       {
