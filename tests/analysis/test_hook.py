@@ -173,6 +173,21 @@ def test_files_shapes_and_kernel_properties(hook_run):
   assert "velocity" not in lines[0]["dynamics"] and lines[1]["dynamics"]["velocity"] > 0
   assert lines[-1]["intra_retention"][-1] == pytest.approx(1.0)
   assert len(lines[-1]["intra_retention"]) == T
+  # output drift: task i's stored probe outputs at task_end(i) vs at the last point
+  outputs = {}
+  for t in range(T):
+    with np.load(out / f"ntk_task_end_{t}.npz", allow_pickle=False) as z:
+      outputs[t], rows = z["outputs"], z["task_of_row"]
+  drift = lines[-1]["output_drift"]
+  assert len(drift) == T and drift[-1] == 0.0
+  for i in range(T):
+    mine = rows == i
+    want = np.linalg.norm(outputs[T - 1][mine] - outputs[i][mine]) / np.linalg.norm(
+      outputs[i][mine]
+    )
+    assert drift[i] == pytest.approx(want, rel=1e-12)
+  summary_drift = np.array(hook_run["summary"]["ntk"]["output_drift"], dtype=float)
+  np.testing.assert_allclose(summary_drift[T - 1], drift)
 
 
 def test_probe_rows_follow_the_stream(hook_run):
