@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -44,6 +45,39 @@ def check_batch_size(batch_size: int, what: str, num_devices: int | None = None)
       f"{what}={batch_size} is not divisible by the {n} devices of the mesh; choose a multiple "
       f"of {n} (e.g. {max(n, batch_size // n * n)})."
     )
+
+
+def under_mesh(fn: Callable[..., Any], mesh: jax.sharding.Mesh) -> Callable[..., Any]:
+  """`fn` traced with `mesh` (abstractly) in context, so that constraints inside it such as
+  `gather_batch` name the mesh's axes. Wrap a function before jitting it (`steps.build_programs`);
+  nothing changes outside tracing and no device is touched."""
+
+  @functools.wraps(fn)
+  def traced_under_mesh(*args: Any, **kwargs: Any) -> Any:
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      return fn(*args, **kwargs)
+
+  return traced_under_mesh
+
+
+def gather_batch(tree: Any) -> Any:
+  """Batch-sharded leaves → the whole batch on every device of the mesh (`with_sharding_constraint`
+  to replicated, one all-gather each), inside a function traced `under_mesh`; unchanged outside.
+
+  For small per-example values that the rest of a step combines across the whole batch (L_MI's
+  B x D features, labels and mask against the old prototypes: an (B + M)^2 similarity matrix).
+  Constrained here, XLA gathers them once and computes the small remainder on every device;
+  left to itself it splits the concatenation with the replicated prototype rows over `data`
+  and moves the pieces with all-to-alls and collective-permutes in the forward and backward
+  pass. In a function vmapped with `spmd_axis_name="seed"` the constraint keeps the seed axis
+  (`P("seed")`). The gradient flowing back is sliced to each device's rows, without
+  communication.
+  """
+  if jax.sharding.get_abstract_mesh().empty:
+    return tree
+  return jax.tree_util.tree_map(
+    lambda x: jax.lax.with_sharding_constraint(x, PartitionSpec()), tree
+  )
 
 
 def put_replicated(tree: Any, mesh: jax.sharding.Mesh) -> Any:

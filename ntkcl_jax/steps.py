@@ -5,7 +5,8 @@ loop step (vmapped over seeds when stacked), the eval feature and predict functi
 method's own (`Method.programs`, e.g. a linear-head or ridge predictor). Building them reads no
 data or weights and compiles nothing (jit is lazy), so a compile-only tool calls it with a
 topology mesh (`seed_stack(plan, <topology devices>)`) and lowers the functions on
-`jax.ShapeDtypeStruct` inputs (`ntkcl_jax.preflight`).
+`jax.ShapeDtypeStruct` inputs (`ntkcl_jax.preflight`). Every function is traced under the
+stack's mesh (`sharding.under_mesh`), so the step's `sharding.gather_batch` constraints name it.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from ntkcl_jax.optim import make_optimizer
 from ntkcl_jax.plan import RunPlan
 from ntkcl_jax.seed_stack import SeedStack
 from ntkcl_jax.seeds import skip_empty_batches
+from ntkcl_jax.sharding import under_mesh
 from ntkcl_jax.train_step import make_loop_step, with_matmul_precision
 
 __all__ = ["Programs", "build_programs", "optimizer", "seed_stack"]
@@ -71,6 +73,14 @@ def build_programs(plan: RunPlan, method: Method, stack: SeedStack) -> Programs:
   precision = plan.matmul_precision
   check_aux = plan.quirks.nonfinite_aux == "mask_or_raise"
   backbone_axis = None if plan.shared_backbone else 0  # in_axes of the backbone in a stacked run
+
+  def traced(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """At the run's matmul precision, traced under its mesh (`sharding.gather_batch`)."""
+    return under_mesh(with_matmul_precision(fn, precision), stack.mesh)
+
+  def jit(fn: Callable[..., Any]) -> Callable[..., Any]:
+    return jax.jit(traced(fn))
+
   train_step = None
   if method.takes_steps:
     loop_step = make_loop_step(method.train_step(model, tx), check_aux)
@@ -80,10 +90,7 @@ def build_programs(plan: RunPlan, method: Method, stack: SeedStack) -> Programs:
         skip_empty_batches(loop_step, batch_argnum=4, num_carried=2),
         (0, 0, {"backbone": backbone_axis, "peft": 0}, 0, 0, 0),
       )
-    train_step = jax.jit(with_matmul_precision(loop_step, precision), donate_argnums=(0, 1))
-
-  def jit(fn: Callable[..., Any]) -> Callable[..., Any]:
-    return jax.jit(with_matmul_precision(fn, precision))
+    train_step = jax.jit(traced(loop_step), donate_argnums=(0, 1))
 
   param_axes = {"backbone": backbone_axis, "peft": 0, "fusion": 0}
   feature_fn = method.feature_fn(model)

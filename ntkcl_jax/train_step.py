@@ -25,6 +25,7 @@ from ntkcl_jax.evaluate import make_predict_fn
 from ntkcl_jax.models.heads import ProxyHead
 from ntkcl_jax.models.ntkcl import NTKCL, test_feature_key
 from ntkcl_jax.optim import epoch_cosine_lr, merge, partition, path_labels
+from ntkcl_jax.sharding import gather_batch
 
 Params = dict[str, Any]
 
@@ -133,7 +134,7 @@ def loss_fn(
         mi_key, aux["prototypes"], info.n_old, min(batch_size, aux["prototypes"].shape[0])
       )
     terms["mi"], terms["mi_has_positive"] = losses.mi_loss(
-      feats["m"], labels, mask, rows, row_labels, row_mask, weights.tau
+      *gather_batch((feats["m"], labels, mask)), rows, row_labels, row_mask, weights.tau
     )
   if weights.orth:
     terms["orth"] = losses.orth_loss(

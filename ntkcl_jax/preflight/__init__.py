@@ -159,6 +159,10 @@ def preflight(
   """
   from ntkcl_jax.flops import analytic_flops
 
+  known = ("train_step", "features", "predict")
+  unknown = sorted(set(functions or ()) - set(known))
+  if unknown:
+    raise ValueError(f"--functions: unknown {', '.join(unknown)}; valid: {', '.join(known)}.")
   plan, method, stack, programs = build(config, target.devices)
   args = abstract_args(plan, method, stack, programs)
   passes = PRECISION_PASSES[plan.matmul_precision]

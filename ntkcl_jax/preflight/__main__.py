@@ -1,5 +1,5 @@
 """`python -m ntkcl_jax.preflight --config <config.py> --target <target> [--json FILE]
-[--max-seeds | --max-batch [--capacity-limit N]]`."""
+[--functions train_step,features,predict] [--max-seeds | --max-batch [--capacity-limit N]]`."""
 
 import sys
 
@@ -15,6 +15,11 @@ _CONFIG = config_flags.DEFINE_config_file(
 )
 _TARGET = flags.DEFINE_string("target", None, f"What to compile for; {valid_targets_text()}")
 _JSON = flags.DEFINE_string("json", None, "Also write the report as JSON to this file.")
+_FUNCTIONS = flags.DEFINE_list(
+  "functions",
+  None,
+  "Compile only these of train_step, features, predict (default all).",
+)
 _MAX_SEEDS = flags.DEFINE_bool(
   "max-seeds",
   False,
@@ -41,6 +46,7 @@ if __name__ == "__main__":
         _CONFIG.value,
         _TARGET.value,
         _JSON.value,
+        functions=_FUNCTIONS.value,
         max_seeds=_MAX_SEEDS.value,
         max_batch=_MAX_BATCH.value,
         capacity_limit=_LIMIT.value,
