@@ -8,7 +8,7 @@ from typing import Any
 
 import jax
 import numpy as np
-from jax.experimental import multihost_utils
+from jax.experimental import mesh_utils, multihost_utils
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 DATA_AXIS = "data"
@@ -23,7 +23,44 @@ def make_mesh(devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
       a compile-only tool passes a topology's device descriptions (`ntkcl_jax.preflight`).
   """
   devices = list(jax.devices() if devices is None else devices)
-  return jax.make_mesh((len(devices),), (DATA_AXIS,), axis_types=(AxisType.Auto,), devices=devices)
+  return mesh_of((len(devices),), (DATA_AXIS,), devices)
+
+
+def num_slices(devices: Sequence[Any]) -> int:
+  """How many TPU slices `devices` span (their distinct `slice_index`; 1 on CPU / GPU)."""
+  return len({getattr(d, "slice_index", 0) for d in devices})
+
+
+def mesh_of(
+  shape: Sequence[int], names: Sequence[str], devices: Sequence[Any]
+) -> jax.sharding.Mesh:
+  """A mesh of `shape` over `devices` with `AxisType.Auto` axes, multi-slice aware.
+
+  Within one slice this is `jax.make_mesh` (devices ordered for the slice's interconnect). When
+  the devices span several slices (a multi-slice TPU job), the slices go on the outermost axis
+  whose size they divide (`mesh_utils.create_hybrid_device_mesh`: that axis crosses the
+  data-centre network, the others stay within a slice), so a stacked run puts its independent
+  seeds on different slices, and a data-parallel run reduces gradients within each slice
+  before the one exchange across slices.
+
+  Raises:
+    ValueError: no axis of `shape` is divisible by the number of slices.
+  """
+  axis_types = (AxisType.Auto,) * len(shape)
+  n = num_slices(devices)
+  if n == 1:
+    return jax.make_mesh(tuple(shape), tuple(names), axis_types=axis_types, devices=devices)
+  axis = next((i for i, size in enumerate(shape) if size % n == 0), None)
+  if axis is None:
+    raise ValueError(
+      f"a mesh {dict(zip(names, shape, strict=True))} cannot span the {n} slices of its devices: "
+      f"no axis is a multiple of {n}; choose a seed count or train.seed_axis_size that is."
+    )
+  dcn = [1] * len(shape)
+  dcn[axis] = n
+  ici = [size // d for size, d in zip(shape, dcn, strict=True)]
+  grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices)
+  return jax.sharding.Mesh(grid, tuple(names), axis_types=axis_types)
 
 
 def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:

@@ -96,6 +96,60 @@ def test_a_run_that_cannot_fit_exits_1_naming_the_function(capsys):
   assert "error: features does not fit in the 16,384.0 MiB HBM of a TPU v5e chip" in err
 
 
+@needs_libtpu
+def test_l_mi_gathers_the_batch_once_on_a_data_mesh():
+  # L_MI joins the batch's features with replicated prototype rows. `sharding.gather_batch`
+  # gathers features, labels and mask once; left to XLA, the step on this mesh had 3 all-to-alls,
+  # 9 collective-permutes, 1 all-gather and 9 all-reduces.
+  report = pf.preflight(tc.tiny_config(), pf.resolve_target("v5litepod-4"), ["train_step"])
+  coll = report["functions"][0]["collectives"]
+  assert "all-to-all" not in coll and "collective-permute" not in coll, coll
+  assert coll["all-gather"]["count"] == 1 and coll["all-reduce"]["count"] <= 4, coll
+
+
+@needs_libtpu
+def test_multi_slice_meshes_build_and_stacked_seeds_stay_within_their_slice():
+  target = pf.resolve_target("v5litepod-4", slices=2)
+  assert target.name == "v5litepod-4 x 2 slices" and len(target.devices) == 8
+  stacked = pf.preflight(tc.tiny_config(seeds="0,1"), target, ["train_step"])
+  assert stacked["mesh"] == {"seed": 2, "data": 4}
+  _, _, stack, _ = pf.build(tc.tiny_config(seeds="0,1"), target.devices)
+  assert [{d.slice_index for d in row} for row in stack.mesh.devices] == [{0}, {1}]
+  coll = stacked["functions"][0]["collectives"]
+  assert not [k for k in coll if k.startswith("dcn-")], coll  # seeds never talk across slices
+  plain = pf.preflight(tc.tiny_config(), target, ["train_step"])
+  coll = plain["functions"][0]["collectives"]
+  assert coll["dcn-all-reduce"]["count"] > 0 and coll["all-reduce"]["count"] > 0, coll
+
+
+def test_unknown_function_and_bad_slices_are_named():
+  with pytest.raises(ValueError, match="--functions: unknown train; valid: train_step"):
+    pf.preflight(tc.tiny_config(), pf.resolve_target("cpu"), ["train"])
+  with pytest.raises(pf.UnknownTargetError, match="--slices=0 must be >= 1"):
+    pf.resolve_target("v5litepod-4", slices=0)
+  with pytest.raises(pf.UnknownTargetError, match="TPU targets only"):
+    pf.resolve_target("cpu", slices=2)
+
+
+def test_dcn_transfers_are_counted_apart_from_in_slice_collectives():
+  # Two lines of a multi-slice TPU program (libtpu 0.0.37): an in-slice all-reduce and a
+  # transfer across slices tagged by the megascale runtime.
+  hlo = "\n".join(
+    [
+      "  %all-reduce.1 = f32[32,32]{1,0:T(8,128)} all-reduce(%p), channel_id=1, "
+      "replica_groups={{0,1,2,3}}, to_apply=%add",
+      "  %send.3 = (f32[1,1,128]{2,1,0:T(1,128)}, u32[], token[]) send(%all-reduce.43, "
+      "%after-all.3), channel_id=39, is_host_transfer=true, frontend_attributes={_xla_host_"
+      'transfer_handler_name="xla_megascale_runtime",_xla_megascale_reduce_operation="SUM",'
+      '_xla_megascale_target="{1,2}x{0:3}",_xla_megascale_transfer_type="ALL_REDUCE"}',
+    ]
+  )
+  assert pf.collectives(hlo) == {
+    "all-reduce": {"count": 1, "bytes": 4096},
+    "dcn-all-reduce": {"count": 1, "bytes": 512},
+  }
+
+
 def test_unknown_target_lists_the_valid_ones():
   proc = subprocess.run(
     [sys.executable, "-m", "ntkcl_jax.preflight", f"--config={tc.DEMO_CONFIG}", "--target=v9-8"],
@@ -112,6 +166,14 @@ def test_unknown_target_lists_the_valid_ones():
     assert name in errors[0]
 
 
+def _describe(x):
+  """What a jitted function's argument fixes of its program: shape, dtype, weak type, sharding
+  (a Python scalar: its type)."""
+  if not hasattr(x, "shape"):
+    return type(x).__name__
+  return (x.shape, x.dtype, x.weak_type, x.sharding)
+
+
 class _Recorder:
   """The trainer's train step, recording its first call's lowering and input shardings."""
 
@@ -121,37 +183,42 @@ class _Recorder:
   def __call__(self, *args):
     if self.text is None:
       self.text = self.fn.lower(*args).as_text()
-      self.args = jax.tree_util.tree_map(
-        lambda x: (x.shape, x.dtype, x.weak_type, x.sharding), args
-      )
+      self.args = jax.tree_util.tree_map(_describe, args)
     return self.fn(*args)
 
 
-def test_preflight_lowers_the_trainers_train_step(monkeypatch, tmp_path):
+@pytest.mark.parametrize("seeds", ["", "0,1"])
+def test_preflight_lowers_the_trainers_programs(monkeypatch, tmp_path, seeds):
   """The one code path: what `train.run` jits on the 8 CPU devices of this session and what
-  preflight lowers for those devices (target "cpu") are the same program with the same input
-  shardings."""
+  preflight lowers for those devices (target "cpu") are the same programs (train step, predict)
+  with the same input shardings, for a plain and a stacked-seed run."""
   recorders = []
 
   def build_programs(*args, **kwargs):
     programs = pf_build_programs(*args, **kwargs)
-    recorders.append(_Recorder(programs.train_step))
-    return dataclasses.replace(programs, train_step=recorders[-1])
+    recorders.append({"train_step": _Recorder(programs.train_step)})
+    recorders[-1]["predict"] = _Recorder(programs.predict)
+    return dataclasses.replace(programs, **recorders[-1])
 
   from ntkcl_jax import steps
 
   pf_build_programs = steps.build_programs
   monkeypatch.setattr(train, "build_programs", build_programs)
-  config = tc.tiny_config(train__max_tasks=1)
+  config = tc.tiny_config(train__max_tasks=1, seeds=seeds)
   train.run(config, tmp_path / "run")
   (trainer,) = recorders
 
   target = pf.resolve_target("cpu")
   assert list(target.devices) == jax.devices() and len(target.devices) == 8
   plan, method, stack, programs = pf.build(config, target.devices)
-  args = pf.abstract_args(plan, method, stack, programs)["train_step"]
-  assert programs.train_step.lower(*args).as_text() == trainer.text
-  ours = jax.tree_util.tree_map(lambda x: (x.shape, x.dtype, x.weak_type, x.sharding), args)
-  assert jax.tree_util.tree_structure(ours) == jax.tree_util.tree_structure(trainer.args)
-  for got, want in zip(jax.tree_util.tree_leaves(ours), jax.tree_util.tree_leaves(trainer.args)):
-    assert got == want
+  assert stack.stacked == bool(seeds)
+  all_args = pf.abstract_args(plan, method, stack, programs)
+  for name in ("train_step", "predict"):
+    args, recorded = all_args[name], trainer[name]
+    assert getattr(programs, name).lower(*args).as_text() == recorded.text, name
+    ours = jax.tree_util.tree_map(_describe, args)
+    assert jax.tree_util.tree_structure(ours) == jax.tree_util.tree_structure(recorded.args)
+    for got, want in zip(
+      jax.tree_util.tree_leaves(ours), jax.tree_util.tree_leaves(recorded.args), strict=True
+    ):
+      assert got == want, name

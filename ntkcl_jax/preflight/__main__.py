@@ -1,5 +1,6 @@
 """`python -m ntkcl_jax.preflight --config <config.py> --target <target> [--json FILE]
-[--functions train_step,features,predict] [--max-seeds | --max-batch [--capacity-limit N]]`."""
+[--functions train_step,features,predict] [--slices N]
+[--max-seeds | --max-batch [--capacity-limit N]]`."""
 
 import sys
 
@@ -19,6 +20,9 @@ _FUNCTIONS = flags.DEFINE_list(
   "functions",
   None,
   "Compile only these of train_step, features, predict (default all).",
+)
+_SLICES = flags.DEFINE_integer(
+  "slices", 1, "A multi-slice job: this many copies of the --target slice (TPU)."
 )
 _MAX_SEEDS = flags.DEFINE_bool(
   "max-seeds",
@@ -50,6 +54,7 @@ if __name__ == "__main__":
         max_seeds=_MAX_SEEDS.value,
         max_batch=_MAX_BATCH.value,
         capacity_limit=_LIMIT.value,
+        slices=_SLICES.value,
       )
     ),
     flags_parser=parse_flags,

@@ -24,6 +24,7 @@ def main(
   max_seeds: bool = False,
   max_batch: bool = False,
   capacity_limit: int | None = None,
+  slices: int = 1,
 ) -> int:
   """The command: 0 when every function fits, 1 when one does not, 2 (via `cli.fail`) on a
   usage error (unknown target, invalid config, both searches at once).
@@ -32,6 +33,7 @@ def main(
     max_seeds / max_batch: search the largest K stacked seeds / `train.batch_size` that fits
       instead (0: an answer, 1: not even the smallest fits); `functions` is then ignored.
     capacity_limit: the largest value searched (default `capacity.DEFAULT_LIMITS`).
+    slices: compile for a multi-slice job of `slices` copies of the target slice.
   """
   from ntkcl_jax.cli import fail
 
@@ -40,7 +42,7 @@ def main(
   if capacity_limit is not None and capacity_limit < 1:
     fail(f"--capacity-limit={capacity_limit} must be >= 1.")
   try:
-    target = resolve_target(target_name)
+    target = resolve_target(target_name, slices)
   except UnknownTargetError as e:
     fail(str(e))
   if max_seeds or max_batch:

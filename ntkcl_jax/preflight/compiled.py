@@ -15,6 +15,12 @@ COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "coll
 _HLO_OP = re.compile(
   r"=\s*(?P<shape>.+?)\s+(?P<op>" + "|".join(COLLECTIVES) + r")(?P<start>-start)?\("
 )
+# Multi-slice TPU programs move data between slices (over the data-centre network) with host
+# transfers tagged by libtpu's megascale runtime: `send(...)`, frontend attribute
+# `_xla_megascale_transfer_type="ALL_REDUCE"` (or ALL_GATHER, ...).
+_DCN_SEND = re.compile(
+  r"=\s*\((?P<shape>.*?)\)\s+send\(.*_xla_megascale_transfer_type=\"(?P<kind>[A-Z_]+)\""
+)
 _ARRAY = re.compile(r"\b(pred|s8|u8|s16|u16|f16|bf16|s32|u32|f32|s64|u64|f64|c64|c128)\[([\d,]*)\]")
 _BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4}
 _BYTES |= {"u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16}
@@ -29,9 +35,19 @@ def _array_bytes(text: str) -> list[int]:
 
 def collectives(hlo_text: str) -> dict[str, dict[str, int]]:
   """{kind: {"count", "bytes"}} of the collectives in compiled HLO text (per device: the result
-  size of each op; an async `-start` op counts its largest buffer, once)."""
+  size of each op; an async `-start` op counts its largest buffer, once).
+
+  Transfers between the slices of a multi-slice job count as "dcn-<type>" (e.g.
+  "dcn-all-reduce"), with the bytes each device sends; the collectives without the prefix stay
+  within a slice."""
   found: dict[str, dict[str, int]] = {}
   for line in hlo_text.splitlines():
+    dcn = _DCN_SEND.search(line)
+    if dcn:
+      entry = found.setdefault("dcn-" + dcn["kind"].lower().replace("_", "-"), {"count": 0})
+      entry["count"] += 1
+      entry["bytes"] = entry.get("bytes", 0) + (_array_bytes(dcn["shape"]) or [0])[0]
+      continue
     m = _HLO_OP.search(line)
     if not m:
       continue

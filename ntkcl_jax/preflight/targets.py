@@ -107,13 +107,20 @@ def _one_device_per_chip(devices: Sequence[Any]) -> list[Any]:
   return [d for d in devices if getattr(d, "core_on_chip", 0) == 0]
 
 
-def resolve_target(name: str) -> Target:
+def resolve_target(name: str, slices: int = 1) -> Target:
   """`name` → its devices (TPU device descriptions, or this machine's CPUs for "cpu").
 
+  Args:
+    slices: a multi-slice job of this many copies of the slice `name` (TPU only): the devices
+      carry their `slice_index`, and the run's mesh spans the slices (`sharding.mesh_of`).
   Raises:
     UnknownTargetError: listing the valid targets.
   """
+  if slices < 1:
+    raise UnknownTargetError(f"--slices={slices} must be >= 1.")
   if name == CPU_TARGET:
+    if slices != 1:
+      raise UnknownTargetError("--slices applies to TPU targets only.")
     return Target(name, CPU_TARGET, jax.devices("cpu"), None)
   if name in TARGETS:
     topology, chip = TARGETS[name]
@@ -124,7 +131,7 @@ def resolve_target(name: str) -> Target:
   from jax.experimental import topologies
 
   dims = [int(x) for x in topology.partition(":")[2].split("x")]
-  kwargs = {}
+  kwargs = {"num_slices": slices} if slices > 1 else {}
   if math.prod(dims) < 4:  # libtpu's default host is 2x2x1 chips: smaller slices are one host
     kwargs["chips_per_host_bounds"] = [*dims, *[1] * (3 - len(dims))]
   try:
@@ -143,4 +150,5 @@ def resolve_target(name: str) -> Target:
       f"--target {name!r} ({topology}): no TPU topology ({type(e).__name__}: {message}).{hint} "
       f"{valid_targets_text()}"
     ) from e
-  return Target(name, topology, _one_device_per_chip(desc.devices), CHIPS[chip])
+  label = f"{name} x {slices} slices" if slices > 1 else name
+  return Target(label, topology, _one_device_per_chip(desc.devices), CHIPS[chip])

@@ -22,9 +22,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import AxisType, NamedSharding, PartitionSpec
+from jax.sharding import NamedSharding, PartitionSpec
 
-from ntkcl_jax.sharding import DATA_AXIS
+from ntkcl_jax.sharding import DATA_AXIS, mesh_of
 
 SEED_AXIS = "seed"
 
@@ -165,9 +165,7 @@ def seed_mesh(
   shape = seed_layout(
     num_seeds, len(devices), batch_sizes=batch_sizes, seed_axis_size=seed_axis_size
   )
-  return jax.make_mesh(
-    shape, (SEED_AXIS, DATA_AXIS), axis_types=(AxisType.Auto, AxisType.Auto), devices=devices
-  )
+  return mesh_of(shape, (SEED_AXIS, DATA_AXIS), devices)
 
 
 def stacked_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
