@@ -58,6 +58,7 @@ if TYPE_CHECKING:
 __all__ = [
   "NTKHook",
   "NTKSettings",
+  "kernel_meters",
   "load_points",
   "measure_checkpoint",
   "ntk_from_params",
@@ -184,6 +185,23 @@ def ntk_from_params(
 # The session shared by the hook and the checkpoint runner.
 
 
+def kernel_meters(
+  settings: NTKSettings, spec
+) -> tuple[measure.KernelMeter, measure.KernelMeter | None]:
+  """(meter, tripled meter or None): the kernel functions the hook measures with (the tripled
+  one, when on, computes the kernel of every point; `measure.measure_point`)."""
+  s = settings
+  f = measure.make_output_fn(spec, output=s.output, section_weights=s.section_weights)
+  kw = dict(implementation=s.implementation, backend=s.backend, batch_size=s.batch_size)
+  tripled = None
+  if s.tripled and s.output == "fused_feature" and spec.model_name == "both":
+    if s.projection != "gaussian":
+      raise ValueError("analysis.tripled needs analysis.projection='gaussian'.")
+    f3 = measure.make_output_fn(spec, output=s.output, tripled=True)
+    tripled = measure.KernelMeter(f3, **kw)
+  return measure.KernelMeter(f, **kw), tripled
+
+
 class _Session:
   """Probes, the compiled kernel function and the measured points of one run."""
 
@@ -191,14 +209,7 @@ class _Session:
     s = self.settings = settings
     self.spec, self.probes, self.out_dir, self.is_writer = spec, probes, out_dir, is_writer
     f = measure.make_output_fn(spec, output=s.output, section_weights=s.section_weights)
-    kw = dict(implementation=s.implementation, backend=s.backend, batch_size=s.batch_size)
-    self.meter = measure.KernelMeter(f, **kw)
-    self.tripled_meter = None
-    if s.tripled and s.output == "fused_feature" and spec.model_name == "both":
-      if s.projection != "gaussian":
-        raise ValueError("analysis.tripled needs analysis.projection='gaussian'.")
-      f3 = measure.make_output_fn(spec, output=s.output, tripled=True)
-      self.tripled_meter = measure.KernelMeter(f3, **kw)
+    self.meter, self.tripled_meter = kernel_meters(s, spec)
     dim = spec.feature_dim
     self.projections = (
       [measure.projection_matrix(s.seed, s.projection_dim, dim)]

@@ -160,6 +160,23 @@ class KernelMeter:
     # neural-tangents' ntk_fn is not jitted (and its batching calls it eagerly per block).
     self._fn = jax.jit(fn) if backend == "neural_tangents" and not batch_size else fn
 
+  def lower_block(self, theta: Params, x1: Any, x2: Any, **kwargs) -> jax.stages.Lowered:
+    """One kernel call Θ(x1, x2) of `gram`, lowered: with `batch_size` blocking, x1 and x2 are two
+    blocks of probes (b, H, W, C), the unit whose memory decides the largest block that fits a
+    device (`ntkcl_jax.preflight`; inputs may be `jax.ShapeDtypeStruct`s with a sharding).
+
+    Raises:
+      NotImplementedError: implementation 0 (AUTO picks by compiling both) or the
+        neural-tangents backend: only the native implementations 1 and 2 lower as one program.
+    """
+    block = getattr(self._fn, "block_kernel", None)
+    if not hasattr(block, "lower"):
+      raise NotImplementedError(
+        "analysis.implementation=1 or 2 with analysis.backend='native' lower as one program; "
+        "AUTO (0) and the neural-tangents backend do not."
+      )
+    return block.lower(x1, x2, theta, **kwargs)
+
   def gram(self, theta: Params, images: np.ndarray, **kwargs) -> np.ndarray:
     """(N, N) float64 Θ(x, x') (or (N, N, V, V) for a (b, V, K) output); x2 = x1."""
     out = self._fn(jnp.asarray(images), None, theta, **kwargs)

@@ -209,6 +209,7 @@ def empirical_ntk_fn(
     ntk_fn = _blocked(block_fn, f, batch_size, trace_axes, diagonal_axes)
   if selector is not None:
     ntk_fn.select_implementation = selector.select
+  ntk_fn.block_kernel = block_fn  # one (x1 block, x2 block) call, what `batch_size` repeats
   return ntk_fn
 
 

@@ -42,7 +42,8 @@ _DYNAMIC = _Dynamic()
 
 
 def _is_array(x: Any) -> bool:
-  return isinstance(x, (jax.Array, np.ndarray, np.generic))
+  """An array argument (a `jax.ShapeDtypeStruct` too: `lower` on abstract inputs)."""
+  return isinstance(x, (jax.Array, np.ndarray, np.generic, jax.ShapeDtypeStruct))
 
 
 def _partition_kwargs(kwargs: Mapping[str, Any]) -> tuple[list, tuple]:
@@ -85,6 +86,12 @@ class _JittedKernel:
   def __call__(self, x1, x2, params, **kwargs):
     dynamic, static_spec = _partition_kwargs(kwargs)
     return self._jitted(x1, x2, params, dynamic, static_spec)
+
+  def lower(self, x1, x2, params, **kwargs) -> jax.stages.Lowered:
+    """The kernel lowered for these inputs (arrays or `jax.ShapeDtypeStruct`s, which may carry a
+    sharding on devices this process does not have: `ntkcl_jax.preflight`)."""
+    dynamic, static_spec = _partition_kwargs(kwargs)
+    return self._jitted.lower(x1, x2, params, dynamic, static_spec)
 
   def flops(self, x1, x2, params, **kwargs) -> float | None:
     """XLA's flop count for these input shapes (None when the backend reports none)."""

@@ -186,3 +186,43 @@ def test_max_batch_end_to_end_against_a_small_hbm(capsys, monkeypatch, tmp_path)
   out, err = capsys.readouterr()
   assert status == 1
   assert "error: not even train.batch_size=2 fits" in err and "fewer --config.seeds" in err
+
+
+def test_ntk_block_search_probes_the_kernel_alone_without_a_confirmation():
+  target = pf.Target("fake", "v5e:1x1", [object()], pf.CHIPS["v5e"])
+  calls = []
+
+  def preflight(config, target, functions):
+    block = config.analysis.batch_size
+    calls.append((block, tuple(functions)))
+    fits = block * 100 <= 2000
+    result = {"function": "ntk_block", "compile_s": 1.0, "fits": fits}
+    result["memory_per_device"] = {"peak_bytes": block * 100}
+    return {"functions": [result], "fits": fits, "mesh": {"data": 1}}
+
+  report, cap = capacity.search(tc.tiny_config(), target, capacity.NTK_BLOCK, 64, preflight)
+  assert cap["answer"] == 20 and cap["confirmed_fits"] and report["fits"]
+  assert cap["flag"] == "--max-ntk-block" and cap["confirm_compile_s"] == 0
+  assert all(functions == ("ntk_block",) for _, functions in calls)
+  assert [v for v, _ in calls] == [p["value"] for p in cap["probes"]]  # no extra compile
+  assert "largest NTK probe block (analysis.batch_size) that fits: 20" in capacity.format_capacity(
+    cap
+  )
+
+
+@needs_libtpu
+def test_ntk_block_is_compiled_with_the_run_when_analysis_is_on():
+  # The NTK hook's kernel for two blocks of 4 probes of the tiny model, on one v5e chip, beside
+  # the run's functions. XLA's temp bytes of such tiny programs are erratic (0 at some block
+  # sizes, ~6-20 MiB at others), so the test checks what the program must hold: both blocks.
+  config = tc.tiny_config(analysis__enabled=True, analysis__batch_size=4)
+  report = pf.preflight(config, pf.resolve_target("v5litepod-1"))
+  by_name = {r["function"]: r for r in report["functions"]}
+  assert sorted(by_name) == ["features", "ntk_block", "predict", "train_step"]
+  a = config.analysis
+  assert report["ntk"] == {"block": 4, "probes": config.train.max_tasks * (a.n_train + a.n_test)}
+  ntk = by_name["ntk_block"]
+  size = report["image_size"]
+  assert ntk["memory_per_device"]["argument_bytes"] >= 2 * 4 * size * size * 3 * 4
+  assert ntk["images_per_call"] == 8 and ntk["fits"]
+  assert "two blocks of 4 probes" in pf.format_report(report)

@@ -50,6 +50,7 @@ from ntkcl_jax.preflight.targets import (
 __all__ = [
   "CHIPS",
   "COLLECTIVES",
+  "FUNCTIONS",
   "TARGETS",
   "ChipSpec",
   "Target",
@@ -149,20 +150,60 @@ def abstract_args(plan: Any, method: Any, stack: Any, programs: Any) -> dict[str
   return out
 
 
+def ntk_block_lowered(config: Any, plan: Any, method: Any, device: Any) -> tuple[Any, int]:
+  """The NTK hook's kernel Θ(x1, x2) for two blocks of b probes on one `device`, lowered on
+  abstract inputs; and b.
+
+  b is `analysis.batch_size`, or every probe of the run (T (n_train + n_test)) when 0 (no
+  blocking). The kernel is the hook's own (`analysis.hook.kernel_meters`: output, projection,
+  parameter set, implementation, the tripled kernel when on) w.r.t. one seed's θ_A; x1 and x2 are
+  distinct blocks (the off-diagonal case, two Jacobians: the larger). The hook runs on one device.
+  """
+  from analysis import measure
+  from analysis.hook import NTKSettings, kernel_meters
+  from ntkcl_jax.config import init_key
+  from ntkcl_jax.models.ntkcl import init_params
+
+  settings, spec = NTKSettings.from_config(config), method.spec
+  meter, tripled = kernel_meters(settings, spec)
+  block = settings.batch_size or plan.num_tasks * (settings.n_train + settings.n_test)
+  mesh = jax.sharding.Mesh(np.array([device]), ("ntk",))
+  one = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  params = jax.eval_shape(lambda: init_params(spec, init_key(plan.seeds[0]), None))
+  theta, rest = (_spec(t, one) for t in measure.split_params(params, settings.params))
+  v, dim = spec.vit, spec.feature_dim
+  images = jax.ShapeDtypeStruct(
+    (block, v.image_size, v.image_size, v.channels), jnp.float32, sharding=one
+  )
+  if settings.output == "prototype_logits":
+    kwargs = {"prototypes": (plan.num_classes, dim)}
+  elif settings.projection == "gaussian":
+    kwargs = {"projection": (settings.projection_dim, dim)}
+  else:
+    kwargs = {"projection": (min(measure.EXACT_CHUNK, dim), dim)}
+  kwargs = {
+    k: jax.ShapeDtypeStruct(shape, jnp.float32, sharding=one) for k, shape in kwargs.items()
+  }
+  return (tripled or meter).lower_block(theta, images, images, rest=rest, **kwargs), block
+
+
+FUNCTIONS = ("train_step", "features", "predict", "ntk_block")
+
+
 def preflight(
   config: Any, target: Target, functions: Sequence[str] | None = None
 ) -> dict[str, Any]:
   """Lowers and compiles the run's functions for `target`; the report (JSON-serialisable).
 
   Args:
-    functions: a subset of ("train_step", "features", "predict") to compile (default all).
+    functions: a subset of `FUNCTIONS` to compile (default: the first three, and "ntk_block",
+      the NTK hook's kernel for one pair of probe blocks, when `analysis.enabled`).
   """
   from ntkcl_jax.flops import analytic_flops
 
-  known = ("train_step", "features", "predict")
-  unknown = sorted(set(functions or ()) - set(known))
+  unknown = sorted(set(functions or ()) - set(FUNCTIONS))
   if unknown:
-    raise ValueError(f"--functions: unknown {', '.join(unknown)}; valid: {', '.join(known)}.")
+    raise ValueError(f"--functions: unknown {', '.join(unknown)}; valid: {', '.join(FUNCTIONS)}.")
   plan, method, stack, programs = build(config, target.devices)
   args = abstract_args(plan, method, stack, programs)
   passes = PRECISION_PASSES[plan.matmul_precision]
@@ -193,6 +234,17 @@ def preflight(
         name, lowered, images[name], len(target.devices), target.chip, passes, per_image[name]
       )
     )
+  analysis = None
+  wanted = "ntk_block" in functions if functions is not None else config.analysis.enabled
+  if wanted:
+    lowered, block = ntk_block_lowered(config, plan, method, target.devices[0])
+    # the kernel runs at "highest" precision (`analysis.ntk_dispatch`), on one device
+    hi = PRECISION_PASSES["highest"]
+    results.append(analyse("ntk_block", lowered, 2 * block, 1, target.chip, hi, None))
+    analysis = {
+      "block": block,
+      "probes": plan.num_tasks * (config.analysis.n_train + config.analysis.n_test),
+    }
   dev = target.devices[0]
   return {
     "target": target.name,
@@ -210,6 +262,7 @@ def preflight(
     "remat": method.spec.remat,
     "image_size": plan.data.image_size,
     "not_compiled": sorted(programs.extra),
+    "ntk": analysis,
     "functions": results,
     "fits": all(r.get("fits", True) for r in results),
     "environment": {

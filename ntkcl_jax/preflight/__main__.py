@@ -1,6 +1,6 @@
 """`python -m ntkcl_jax.preflight --config <config.py> --target <target> [--json FILE]
 [--functions train_step,features,predict] [--slices N]
-[--max-seeds | --max-batch [--capacity-limit N]]`."""
+[--max-seeds | --max-batch | --max-ntk-block [--capacity-limit N]]`."""
 
 import sys
 
@@ -36,6 +36,12 @@ _MAX_BATCH = flags.DEFINE_bool(
   "Search the largest train.batch_size (per seed) whose compiled functions fit the target's "
   "per-device HBM (multiples of the data axis only).",
 )
+_MAX_NTK_BLOCK = flags.DEFINE_bool(
+  "max-ntk-block",
+  False,
+  "Search the largest NTK probe block (analysis.batch_size) whose kernel fits one device of the "
+  "target (the NTK hook runs on one device).",
+)
 _LIMIT = flags.DEFINE_integer(
   "capacity-limit",
   None,
@@ -53,6 +59,7 @@ if __name__ == "__main__":
         functions=_FUNCTIONS.value,
         max_seeds=_MAX_SEEDS.value,
         max_batch=_MAX_BATCH.value,
+        max_ntk_block=_MAX_NTK_BLOCK.value,
         capacity_limit=_LIMIT.value,
         slices=_SLICES.value,
       )

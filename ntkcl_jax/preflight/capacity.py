@@ -35,9 +35,12 @@ from ntkcl_jax.preflight.report import mib
 
 SEEDS = "seeds"
 BATCH = "train.batch_size"
-FLAGS = {SEEDS: "--max-seeds", BATCH: "--max-batch"}
-DEFAULT_LIMITS = {SEEDS: 1024, BATCH: 65536}
-TRAIN_STEP = ("train_step",)
+NTK_BLOCK = "analysis.batch_size"
+FLAGS = {SEEDS: "--max-seeds", BATCH: "--max-batch", NTK_BLOCK: "--max-ntk-block"}
+DEFAULT_LIMITS = {SEEDS: 1024, BATCH: 65536, NTK_BLOCK: 4096}
+# What each search compiles per probe: the train step (the memory driver of a run), or the NTK
+# hook's kernel for a pair of probe blocks.
+PROBED = {SEEDS: ("train_step",), BATCH: ("train_step",), NTK_BLOCK: ("ntk_block",)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,8 +148,10 @@ def with_value(config: ml_collections.ConfigDict, what: str, value: int) -> Any:
     c.seeds = seeds_text(value)
   elif what == BATCH:
     c.train.batch_size = int(value)
+  elif what == NTK_BLOCK:
+    c.analysis.batch_size = int(value)
   else:
-    raise ValueError(f"unknown capacity search {what!r}; one of {SEEDS!r}, {BATCH!r}.")
+    raise ValueError(f"unknown capacity search {what!r}; one of {', '.join(FLAGS)}.")
   return c
 
 
@@ -154,6 +159,8 @@ def valid_for(config: ml_collections.ConfigDict, what: str, num_devices: int) ->
   """The validity predicate of `what` for `config` on `num_devices` devices."""
   from ntkcl_jax.config import run_seeds
 
+  if what == NTK_BLOCK:  # the kernel runs on one device: any block size
+    return lambda b: True
   axis = int(config.train.seed_axis_size)
   if what == SEEDS:
     sizes = {"train.batch_size": config.train.batch_size, "eval.batch_size": config.eval.batch_size}
@@ -201,7 +208,7 @@ def search(
   if preflight is None:
     from ntkcl_jax.preflight import preflight
   limit = DEFAULT_LIMITS[what] if limit is None else int(limit)
-  functions: Sequence[str] | None = TRAIN_STEP
+  functions: Sequence[str] | None = PROBED[what]
   reports: dict[int, dict[str, Any]] = {}
   records: dict[int, dict[str, Any]] = {}
 
@@ -224,7 +231,7 @@ def search(
   confirm_s = 0.0
   if result.answer is None:
     report = reports[values[0]] if values else None
-  elif functions is None:  # the probe already compiled every function
+  elif functions is None or what == NTK_BLOCK:  # the probe compiled all there is to confirm
     report = reports[result.answer]
   else:
     report = preflight(with_value(config, what, result.answer), target, None)
@@ -261,7 +268,11 @@ def format_probe(what: str, record: dict[str, Any]) -> str:
 
 
 def _what_text(what: str) -> str:
-  return "stacked seeds K" if what == SEEDS else "train.batch_size (per seed)"
+  return {
+    SEEDS: "stacked seeds K",
+    BATCH: "train.batch_size (per seed)",
+    NTK_BLOCK: "NTK probe block (analysis.batch_size)",
+  }[what]
 
 
 def format_capacity(capacity: dict[str, Any]) -> str:

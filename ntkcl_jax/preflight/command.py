@@ -23,6 +23,7 @@ def main(
   functions: Sequence[str] | None = None,
   max_seeds: bool = False,
   max_batch: bool = False,
+  max_ntk_block: bool = False,
   capacity_limit: int | None = None,
   slices: int = 1,
 ) -> int:
@@ -30,24 +31,32 @@ def main(
   usage error (unknown target, invalid config, both searches at once).
 
   Args:
-    max_seeds / max_batch: search the largest K stacked seeds / `train.batch_size` that fits
-      instead (0: an answer, 1: not even the smallest fits); `functions` is then ignored.
+    max_seeds / max_batch / max_ntk_block: search the largest K stacked seeds /
+      `train.batch_size` / NTK probe block (`analysis.batch_size`) that fits instead (0: an
+      answer, 1: not even the smallest fits); `functions` is then ignored.
     capacity_limit: the largest value searched (default `capacity.DEFAULT_LIMITS`).
     slices: compile for a multi-slice job of `slices` copies of the target slice.
   """
   from ntkcl_jax.cli import fail
 
-  if max_seeds and max_batch:
-    fail("--max-seeds and --max-batch search one at a time; pass one of them.")
+  searches = {
+    capacity_lib.SEEDS: max_seeds,
+    capacity_lib.BATCH: max_batch,
+    capacity_lib.NTK_BLOCK: max_ntk_block,
+  }
+  asked = [what for what, on in searches.items() if on]
+  if len(asked) > 1:
+    fail(
+      f"{', '.join(capacity_lib.FLAGS[w] for w in asked)} search one at a time; pass one of them."
+    )
   if capacity_limit is not None and capacity_limit < 1:
     fail(f"--capacity-limit={capacity_limit} must be >= 1.")
   try:
     target = resolve_target(target_name, slices)
   except UnknownTargetError as e:
     fail(str(e))
-  if max_seeds or max_batch:
-    what = capacity_lib.SEEDS if max_seeds else capacity_lib.BATCH
-    return _capacity(config, target, what, capacity_limit, json_path)
+  if asked:
+    return _capacity(config, target, asked[0], capacity_limit, json_path)
   try:
     report = preflight(config, target, functions)
   except (ValueError, NotImplementedError) as e:
@@ -105,6 +114,9 @@ def _capacity(config: Any, target: Any, what: str, limit: int | None, json_path:
     if what == capacity_lib.SEEDS:
       change = "lower train.batch_size, use --config.model.remat=full, or a larger slice"
       value = f"{smallest} seed{'s' * (smallest > 1)}"
+    elif what == capacity_lib.NTK_BLOCK:
+      change = "lower analysis.projection_dim or use analysis.implementation=2"
+      value = f"a probe block of {smallest}"
     else:
       change = "use fewer --config.seeds, --config.model.remat=full, or a larger slice"
       value = f"train.batch_size={smallest}"

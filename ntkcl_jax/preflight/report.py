@@ -69,6 +69,12 @@ def format_report(report: dict[str, Any]) -> str:
         f"  roofline upper bound: {b['images_per_s_upper_bound']:,.0f} images/s "
         f"({b['bound_by']}-bound; a bound from {chip['source']} peaks, not a measurement)"
       )
+  if report.get("ntk"):
+    n = report["ntk"]
+    lines.append(
+      f"\nntk_block: the NTK hook's kernel for two blocks of {n['block']} probes (of "
+      f"{n['probes']}; analysis.batch_size), on one device"
+    )
   if report["not_compiled"]:
     lines.append(f"\nnot compiled (method programs): {', '.join(report['not_compiled'])}")
   return "\n".join(lines)
