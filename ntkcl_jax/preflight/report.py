@@ -20,7 +20,7 @@ def _num(x: float | None, unit: str = "") -> str:
   if x is None:
     return "—"
   for scale, prefix in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
-    if abs(x) >= scale:
+    if abs(x) >= scale * (1 - 5e-4):  # 999.7e9 reads "1 T", not "1e+03 G"
       return f"{x / scale:.3g} {prefix}{unit}"
   return f"{x:.3g} {unit}"
 
