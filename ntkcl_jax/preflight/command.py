@@ -77,7 +77,7 @@ def _capacity(config: Any, target: Any, what: str, limit: int | None, json_path:
 
   if target.chip is None:
     fail(
-      f"{capacity_lib.FLAGS[what]} needs a TPU or GPU target (a chip's memory to fit); got {target.name}."
+      f"{capacity_lib.FLAGS[what]} needs a TPU or GPU target (memory to fit); got {target.name}."
     )
   try:
     report, capacity = capacity_lib.search(

@@ -1,8 +1,9 @@
 """NVIDIA GPU targets for preflight: a table of per-GPU facts, the XLA target description made from
 it, and a deviceless topology of N such GPUs in one host.
 
-`GPUS` holds NVIDIA's published figures per GPU (sources named per entry). `target_config_text`
-renders one as the text form of XLA's `GpuTargetConfigProto`, which the CUDA PJRT plugin
+`GPUS` holds each GPU's published architecture (sources named per entry; its peaks, memory and
+memory bandwidth are in `targets.CHIPS`), `SM_LIMITS` the per-SM limits of its compute capability.
+`target_config_text` renders one as the text form of XLA's `GpuTargetConfigProto`, which the CUDA PJRT plugin
 (`jax-cuda12-plugin` + `jax-cuda12-pjrt`) takes to compile for that GPU without one;
 `topology_devices` asks the plugin for N device descriptions of it.
 
@@ -31,10 +32,11 @@ if TYPE_CHECKING:
 SKIP_CHECK_ENV = "JAX_SKIP_CUDA_CONSTRAINTS_CHECK"
 # The two wheels of jax[cuda12] that compile: the plugin (Python glue) and the PJRT library with
 # XLA:GPU. jax[cuda12]'s nvidia-* wheels (cuBLAS, cuDNN, NCCL, ...; ~3 GB) run programs, and are
-# not needed to compile them (measured: the same optimised HLO and memory with and without them).
+# not needed to compile them (measured on the tiny test config for h100x1: the same optimised HLO
+# text and memory with and without them).
 INSTALL = 'pip install "jax-cuda12-plugin==0.9.2" "jax-cuda12-pjrt==0.9.2"'
-# cuDNN version the compiler assumes (it gates cuDNN fusions). jax[cuda12]==0.9.2 installs
-# nvidia-cudnn-cu12 9.28.
+# The cuDNN version the compile assumes (a target description carries one): the one
+# jax[cuda12]==0.9.2 installs, nvidia-cudnn-cu12 9.28.
 CUDNN_VERSION = (9, 28, 0)
 
 
@@ -68,13 +70,12 @@ class SmLimits:
 
 KiB = 1024
 SM_LIMITS: dict[tuple[int, int], SmLimits] = {
-  (7, 0): SmLimits(2048, 96 * KiB, 96 * KiB, 64),
   (7, 5): SmLimits(1024, 64 * KiB, 64 * KiB, 64),
   (8, 0): SmLimits(2048, 164 * KiB, 163 * KiB, 64),
   (8, 9): SmLimits(1536, 100 * KiB, 99 * KiB, 128),
   (9, 0): SmLimits(2048, 228 * KiB, 227 * KiB, 128),
 }
-# Limits common to compute capabilities 7.0-9.0 (same table): threads per block, warp size,
+# Limits common to compute capabilities 7.5-9.0 (same table): threads per block, warp size,
 # static shared memory per block, 32-bit registers per SM and per block, grid extents (x, y, z).
 THREADS_PER_BLOCK, WARP, SHARED_PER_BLOCK, REGISTERS = 1024, 32, 48 * KiB, 64 * KiB
 GRID_LIMITS = (2**31 - 1, 65535, 65535)
@@ -82,7 +83,8 @@ GRID_LIMITS = (2**31 - 1, 65535, 65535)
 MiB = 2**20
 GPUS: dict[str, Gpu] = {
   # NVIDIA H100 Tensor Core GPU Architecture whitepaper (resources.nvidia.com, "H100 SXM5"):
-  # 132 SMs, 50 MB L2; boost clock 1.98 GHz (nvidia.com/en-us/data-center/h100 datasheet).
+  # 132 SMs, 50 MB L2. 1.98 GHz: the maximum SM clock an H100 SXM reports (the whitepaper lists
+  # the boost clock as not finalised).
   "h100": Gpu("NVIDIA H100 80GB HBM3", (9, 0), 132, 50 * MiB, 1.98),
   # H200 SXM: the H100 SXM's GH100 configuration with 141 GB HBM3e
   # (nvidia.com/en-us/data-center/h200).

@@ -72,7 +72,8 @@ CHIPS: dict[str, ChipSpec] = {
   # NVIDIA GPUs (gpus.GPUS has their architecture). Datasheets list tensor-core peaks with 2:4
   # sparsity; these are the dense ones (half). Memory in decimal GB as published.
   # https://www.nvidia.com/en-us/data-center/h100/ (SXM): BF16 1,979 / TF32 989 TFLOP/s sparse,
-  # FP32 67 TFLOP/s, 80 GB HBM3 at 3.35 TB/s.
+  # FP32 67 TFLOP/s, 80 GB HBM3 at 3.35 TB/s; the H100 architecture whitepaper's H100 SXM5 column
+  # gives the dense figures unrounded: BF16 989.4, TF32 494.7, FP32 66.9 TFLOP/s.
   "h100": ChipSpec(
     "NVIDIA H100 SXM",
     989.4e12,
