@@ -1,4 +1,5 @@
-"""Ahead-of-time preflight: compile a run's jitted functions for a TPU slice you do not have.
+"""Ahead-of-time preflight: compile a run's jitted functions for a TPU slice or NVIDIA GPUs you do
+not have.
 
 `python -m ntkcl_jax.preflight --config experiments/configs/<name>.py --target v5litepod-8
 [--config.key=value ...] [--json FILE]` resolves the run's plan (`plan.resolve`: no data or
@@ -10,16 +11,20 @@ from the trainer's own pure builders (`session.initial_run_state`, `task_loop.ta
 `task_loop.task_step_trees`, `task_loop.frozen_and_aux`, `session.eval_params`) under
 `jax.eval_shape`; the shardings are the `SeedStack`'s (`sharding`, `backbone_sharding`,
 `batch_sharding`), i.e. what `stack.put` / `place_backbone` / `put_batch` give the trainer.
+GPU targets (`--target h100x8`: `gpus.py`) take the CUDA plugin's compile-only devices instead.
 
 Per function it reports XLA's compiled memory (argument, output, aliased, temp bytes per device;
 peak = argument + output − aliased + temp, against the chip's HBM), FLOPs and bytes accessed
-(`cost_analysis`, per device and per image), the collectives of the compiled HLO, the compile
-time, and a roofline *upper bound* on images/s from published chip peaks (`CHIPS`). Everything
-is a compile-time estimate for the target, not a measurement on it. Exit status: 0 all fit,
-1 a function does not fit in HBM, 2 a usage error (unknown target, invalid config).
+(`cost_analysis`, per device and per image; for NVIDIA GPUs, whose deviceless compile has no
+cost analysis, FLOPs are the matmuls and convolutions counted in the optimised HLO and bytes
+accessed are unknown), the collectives of the compiled HLO, the compile time, and a roofline
+*upper bound* on images/s from published chip peaks (`CHIPS`). Everything is a compile-time
+estimate for the target, not a measurement on it; a GPU compile also does no autotuning (gemm
+choices and temp sizes may differ on the device). Exit status: 0 all fit, 1 a function does not
+fit in HBM, 2 a usage error (unknown target, invalid config, the target's plugin missing).
 
 Not compiled: the method's own extra programs (`Method.programs`, e.g. the linear or ridge
-predictor; their signatures are the method's), the host-side end-of-task work, and GPU targets.
+predictor; their signatures are the method's) and the host-side end-of-task work.
 """
 
 from __future__ import annotations
@@ -38,7 +43,6 @@ from ntkcl_jax.preflight.compiled import COLLECTIVES, analyse, collectives
 from ntkcl_jax.preflight.report import format_report
 from ntkcl_jax.preflight.targets import (
   CHIPS,
-  PRECISION_PASSES,
   TARGETS,
   ChipSpec,
   Target,
@@ -206,7 +210,6 @@ def preflight(
     raise ValueError(f"--functions: unknown {', '.join(unknown)}; valid: {', '.join(FUNCTIONS)}.")
   plan, method, stack, programs = build(config, target.devices)
   args = abstract_args(plan, method, stack, programs)
-  passes = PRECISION_PASSES[plan.matmul_precision]
   analytic = analytic_flops(method.spec, plan.num_classes, plan.head_width, plan.batch_size)
   fns = {"train_step": programs.train_step, "features": programs.features}
   fns["predict"] = programs.predict
@@ -231,7 +234,13 @@ def preflight(
     lowered = fns[name].lower(*fn_args)
     results.append(
       analyse(
-        name, lowered, images[name], len(target.devices), target.chip, passes, per_image[name]
+        name,
+        lowered,
+        images[name],
+        len(target.devices),
+        target.chip,
+        plan.matmul_precision,
+        per_image[name],
       )
     )
   analysis = None
@@ -239,8 +248,7 @@ def preflight(
   if wanted:
     lowered, block = ntk_block_lowered(config, plan, method, target.devices[0])
     # the kernel runs at "highest" precision (`analysis.ntk_dispatch`), on one device
-    hi = PRECISION_PASSES["highest"]
-    results.append(analyse("ntk_block", lowered, 2 * block, 1, target.chip, hi, None))
+    results.append(analyse("ntk_block", lowered, 2 * block, 1, target.chip, "highest", None))
     analysis = {
       "block": block,
       "probes": plan.num_tasks * (config.analysis.n_train + config.analysis.n_test),
@@ -268,19 +276,30 @@ def preflight(
     "environment": {
       "date_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
       "jax": jax.__version__,
-      "libtpu": _libtpu_version(),
+      "libtpu": _version("libtpu"),
+      "jax_cuda12_plugin": _version("jax-cuda12-plugin"),
       "host_cpu": _cpu_model(),
       "python": platform.python_version(),
-      "estimate": "deviceless compile (XLA cost and memory analysis), not a measurement",
+      "estimate": _estimate(target.chip),
     },
   }
 
 
-def _libtpu_version() -> str | None:
+def _estimate(chip: ChipSpec | None) -> str:
+  """What the report's figures are: for a GPU, a compile without its autotuning."""
+  if chip is not None and chip.is_gpu:
+    return (
+      f"deviceless compile for {chip.name} (no autotuning: gemm choices and temp sizes may "
+      "differ on the device)"
+    )
+  return "deviceless compile (XLA cost and memory analysis), not a measurement"
+
+
+def _version(package: str) -> str | None:
   from importlib import metadata
 
   try:
-    return metadata.version("libtpu")
+    return metadata.version(package)
   except metadata.PackageNotFoundError:
     return None
 

@@ -8,6 +8,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from ntkcl_jax.cli import parse_flags
+from ntkcl_jax.preflight import gpus
 from ntkcl_jax.preflight.command import main
 from ntkcl_jax.preflight.targets import valid_targets_text
 
@@ -50,6 +51,10 @@ _LIMIT = flags.DEFINE_integer(
 flags.mark_flags_as_required(["config", "target"])
 
 if __name__ == "__main__":
+  # Before anything asks JAX for a backend (app.run loads the config file): lets the CUDA plugin
+  # register on a machine without an NVIDIA driver, so GPU targets compile (gpus.py). It only
+  # skips the plugin's CUDA version check.
+  gpus.allow_deviceless_cuda()
   app.run(
     lambda argv: sys.exit(
       main(

@@ -87,7 +87,9 @@ def _capacity(config: Any, target: Any, what: str, limit: int | None, json_path:
   from ntkcl_jax.cli import fail
 
   if target.chip is None:
-    fail(f"{capacity_lib.FLAGS[what]} needs a TPU target (a chip's HBM to fit); got {target.name}.")
+    fail(
+      f"{capacity_lib.FLAGS[what]} needs a TPU or GPU target (memory to fit); got {target.name}."
+    )
   try:
     report, capacity = capacity_lib.search(
       config,

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
+# JAX's default XLA_PYTHON_CLIENT_MEM_FRACTION on GPUs (docs.jax.dev, "GPU memory allocation").
+GPU_MEM_FRACTION = 0.75
+
 
 def mib(x: float | None) -> str:
   if x is None:
@@ -17,7 +20,7 @@ def _num(x: float | None, unit: str = "") -> str:
   if x is None:
     return "—"
   for scale, prefix in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
-    if abs(x) >= scale:
+    if abs(x) >= scale * (1 - 5e-4):  # 999.7e9 reads "1 T", not "1e+03 G"
       return f"{x / scale:.3g} {prefix}{unit}"
   return f"{x:.3g} {unit}"
 
@@ -33,6 +36,13 @@ def format_report(report: dict[str, Any]) -> str:
     "Compile-time estimates for the target (XLA memory/cost analysis of a deviceless compile), "
     "not measurements.",
   ]
+  if chip and chip.get("fp32_flops") is not None:
+    lines.append(
+      f"GPU: {report['environment']['estimate']}. FLOPs are the matmuls and convolutions of the "
+      "optimised HLO (no cost analysis); the roofline bound is compute-only. JAX preallocates "
+      f"{GPU_MEM_FRACTION:.0%} of GPU memory by default: a peak above that needs "
+      "XLA_PYTHON_CLIENT_MEM_FRACTION raised."
+    )
   for r in report["functions"]:
     if "compile_error" in r:
       lines.append(
@@ -50,7 +60,7 @@ def format_report(report: dict[str, Any]) -> str:
       f"  memory/device: argument {mib(m['argument_bytes'])}, output {mib(m['output_bytes'])}, "
       f"aliased {mib(m['aliased_bytes'])}, temp {mib(m['temp_bytes'])}; "
       f"peak {mib(m['peak_bytes'])}{fit}",
-      f"  FLOPs: {_num(r['flops_per_device'], 'FLOP')}/device/call, "
+      f"  FLOPs ({r['flops_source']}): {_num(r['flops_per_device'], 'FLOP')}/device/call, "
       f"{_num(r['flops_per_image'], 'FLOP')}/image (analytic matmuls: "
       f"{_num(r['analytic_matmul_flops_per_image'], 'FLOP')}/image); bytes accessed "
       f"{mib(r['bytes_accessed_per_device'])}/device",
@@ -65,9 +75,10 @@ def format_report(report: dict[str, Any]) -> str:
     )
     if "roofline_bound" in r:
       b = r["roofline_bound"]
+      only = ", matmuls only: no bytes-accessed estimate" if b.get("compute_only") else ""
       lines.append(
         f"  roofline upper bound: {b['images_per_s_upper_bound']:,.0f} images/s "
-        f"({b['bound_by']}-bound; a bound from {chip['source']} peaks, not a measurement)"
+        f"({b['bound_by']}-bound{only}; a bound from {chip['source']} peaks, not a measurement)"
       )
   if report.get("ntk"):
     n = report["ntk"]

@@ -1,7 +1,9 @@
-"""Preflight targets: TPU slices by accelerator type or topology, their chips' published peaks.
+"""Preflight targets: TPU slices by accelerator type or topology, NVIDIA GPUs by model and count
+(`h100x8`), their chips' published peaks.
 
 `resolve_target(name)` gives the devices preflight builds its mesh from (TPU device descriptions
-from `jax.experimental.topologies`, no TPU needed; "cpu" = this machine's devices).
+from `jax.experimental.topologies`, no TPU needed; GPU ones from the CUDA plugin, no GPU needed,
+see `gpus.py`; "cpu" = this machine's devices).
 """
 
 from __future__ import annotations
@@ -14,14 +16,18 @@ from typing import Any
 
 import jax
 
-GiB = 2**30
+from ntkcl_jax.preflight import gpus
+
+GiB, GB = 2**30, 10**9
 
 
 @dataclasses.dataclass(frozen=True)
 class ChipSpec:
-  """Published per-chip peaks (one JAX device per chip: v4/v5p run as megacore).
+  """Published per-chip peaks (one JAX device per chip: v4/v5p run as megacore; per GPU).
 
-  bf16_flops: dense bf16 matmul peak, FLOP/s. hbm_bytes: HBM capacity. hbm_bw: HBM bytes/s.
+  bf16_flops: dense bf16 matmul peak, FLOP/s. hbm_bytes: HBM (GPU: device memory) capacity.
+  hbm_bw: its bytes/s. fp32_flops / tf32_flops: an NVIDIA GPU's FP32 (CUDA cores) and dense TF32
+  (tensor cores) peaks, FLOP/s; None on TPUs (fp32_flops) and on GPUs without TF32 (tf32_flops).
   """
 
   name: str
@@ -29,6 +35,25 @@ class ChipSpec:
   hbm_bytes: int
   hbm_bw: float
   source: str
+  fp32_flops: float | None = None
+  tf32_flops: float | None = None
+
+  @property
+  def is_gpu(self) -> bool:
+    return self.fp32_flops is not None
+
+  def f32_matmul_flops(self, precision: str) -> float:
+    """Peak FLOP/s of a float32 matmul at `precision` ("default", "high", "highest").
+
+    TPU: bf16 passes on the MXU, bf16_flops / PRECISION_PASSES[precision]. NVIDIA (XLA:GPU):
+    "default" and "high" run as TF32 on the tensor cores, "highest" as FP32 on the CUDA cores
+    (GPUs without TF32 run all three on the CUDA cores).
+    """
+    if self.fp32_flops is None:
+      return self.bf16_flops / PRECISION_PASSES[precision]
+    if precision == "highest" or self.tf32_flops is None:
+      return self.fp32_flops
+    return self.tf32_flops
 
 
 CHIPS: dict[str, ChipSpec] = {
@@ -44,6 +69,64 @@ CHIPS: dict[str, ChipSpec] = {
   # https://cloud.google.com/tpu/docs/v6e ("System architecture"): 918 TFLOP/s bf16 per chip,
   # 32 GiB HBM, 1,640 GB/s.
   "v6e": ChipSpec("TPU v6e", 918e12, 32 * GiB, 1640e9, "cloud.google.com/tpu/docs/v6e"),
+  # NVIDIA GPUs (gpus.GPUS has their architecture). Datasheets list tensor-core peaks with 2:4
+  # sparsity; these are the dense ones (half). Memory in decimal GB as published.
+  # https://www.nvidia.com/en-us/data-center/h100/ (SXM): BF16 1,979 / TF32 989 TFLOP/s sparse,
+  # FP32 67 TFLOP/s, 80 GB HBM3 at 3.35 TB/s; the H100 architecture whitepaper's H100 SXM5 column
+  # gives the dense figures unrounded: BF16 989.4, TF32 494.7, FP32 66.9 TFLOP/s.
+  "h100": ChipSpec(
+    "NVIDIA H100 SXM",
+    989.4e12,
+    80 * GB,
+    3.35e12,
+    "nvidia.com/en-us/data-center/h100",
+    fp32_flops=66.9e12,
+    tf32_flops=494.7e12,
+  ),
+  # https://www.nvidia.com/en-us/data-center/h200/ (SXM): the H100's compute, 141 GB HBM3e at
+  # 4.8 TB/s.
+  "h200": ChipSpec(
+    "NVIDIA H200 SXM",
+    989.4e12,
+    141 * GB,
+    4.8e12,
+    "nvidia.com/en-us/data-center/h200",
+    fp32_flops=66.9e12,
+    tf32_flops=494.7e12,
+  ),
+  # https://www.nvidia.com/en-us/data-center/a100/ (80GB SXM): BF16 312, TF32 156 TFLOP/s dense,
+  # FP32 19.5 TFLOP/s, 80 GB HBM2e at 2,039 GB/s.
+  "a100": ChipSpec(
+    "NVIDIA A100 80GB SXM",
+    312e12,
+    80 * GB,
+    2039e9,
+    "nvidia.com/en-us/data-center/a100",
+    fp32_flops=19.5e12,
+    tf32_flops=156e12,
+  ),
+  # https://www.nvidia.com/en-us/data-center/l4/: BF16 242 / TF32 120 TFLOP/s sparse, FP32
+  # 30.3 TFLOP/s, 24 GB GDDR6 at 300 GB/s.
+  "l4": ChipSpec(
+    "NVIDIA L4",
+    121e12,
+    24 * GB,
+    300e9,
+    "nvidia.com/en-us/data-center/l4",
+    fp32_flops=30.3e12,
+    tf32_flops=60e12,
+  ),
+  # https://www.nvidia.com/en-us/data-center/tesla-t4/: FP32 8.1 TFLOP/s, 16 GB GDDR6 at
+  # 320 GB/s. Turing tensor cores do FP16/INT8 only: no TF32, and bf16 matmuls run on the FP32
+  # units (bf16_flops = the FP32 peak).
+  "t4": ChipSpec(
+    "NVIDIA T4",
+    8.1e12,
+    16 * GB,
+    320e9,
+    "nvidia.com/en-us/data-center/tesla-t4",
+    fp32_flops=8.1e12,
+  ),
 }
 
 # float32 matmuls on the TPU MXU run as bf16 passes (`jax.lax.Precision`'s docstring: DEFAULT 1,
@@ -96,8 +179,9 @@ class Target:
 
 def valid_targets_text() -> str:
   return (
-    f"valid targets: {', '.join(TARGETS)}, {CPU_TARGET}, or a topology "
-    "<v4|v5e|v5p|v6e>:<AxB[xC]> (e.g. v5e:2x2, v4:2x2x1)."
+    f"valid targets: {', '.join(TARGETS)}, {CPU_TARGET}, a topology "
+    "<v4|v5e|v5p|v6e>:<AxB[xC]> (e.g. v5e:2x2, v4:2x2x1), or NVIDIA GPUs in one host "
+    f"<{'|'.join(gpus.GPUS)}>x<1-{gpus.MAX_PER_HOST}> (e.g. {', '.join(gpus.TARGETS)})."
   )
 
 
@@ -114,7 +198,7 @@ def resolve_target(name: str, slices: int = 1) -> Target:
     slices: a multi-slice job of this many copies of the slice `name` (TPU only): the devices
       carry their `slice_index`, and the run's mesh spans the slices (`sharding.mesh_of`).
   Raises:
-    UnknownTargetError: listing the valid targets.
+    UnknownTargetError: listing the valid targets; or, for a GPU target, saying what to install.
   """
   if slices < 1:
     raise UnknownTargetError(f"--slices={slices} must be >= 1.")
@@ -122,6 +206,16 @@ def resolve_target(name: str, slices: int = 1) -> Target:
     if slices != 1:
       raise UnknownTargetError("--slices applies to TPU targets only.")
     return Target(name, CPU_TARGET, jax.devices("cpu"), None)
+  gpu = gpus.parse_target(name)
+  if gpu is not None:
+    if slices != 1:
+      raise UnknownTargetError("--slices applies to TPU targets only.")
+    model, count = gpu
+    try:
+      devices = gpus.topology_devices(name, CHIPS[model])
+    except gpus.GpuTargetError as e:
+      raise UnknownTargetError(str(e)) from e
+    return Target(name, f"{model}:1x{count}", devices, CHIPS[model])
   if name in TARGETS:
     topology, chip = TARGETS[name]
   elif RAW_TOPOLOGY.match(name):
