@@ -151,6 +151,35 @@ class EncoderBlock(nn.Module):
     return h + self.mlp(h)
 
 
+class PatchEmbedding(nn.Module):
+  """Non-overlapping P x P patches → tokens: the stride-P, VALID convolution of AugReg's
+  `embedding` ({kernel (P, P, C, d) HWIO, bias (d,)}, `nn.Conv`'s initialisers), written as a
+  patch reshape and one matmul.
+
+  The same function as the convolution. As a matmul it keeps every leading axis of the images
+  a batch axis of the product: under `jax.vmap` over stacked seeds (K, b, H, W, C) the seed and
+  batch axes stay apart and keep their shardings, where a vmapped convolution folds them into
+  one batch axis of K·b rows that a (seed, data) mesh cannot split, so XLA gathered the whole
+  stacked batch onto every device and embedded all of it there.
+  """
+
+  patch_size: int
+  width: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, images: jax.Array) -> jax.Array:
+    """(b, H, W, C) → (b, H/P, W/P, d)."""
+    p, (b, h, w, c) = self.patch_size, images.shape
+    kernel = self.param("kernel", nn.initializers.lecun_normal(), (p, p, c, self.width))
+    bias = self.param("bias", nn.initializers.zeros, (self.width,))
+    patches = images.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
+    patches = patches.reshape(b, h // p, w // p, p * p * c).astype(self.dtype)
+    return patches @ kernel.reshape(p * p * c, self.width).astype(self.dtype) + bias.astype(
+      self.dtype
+    )
+
+
 class PosEmbed(nn.Module):
   num_tokens: int
   width: int
@@ -194,9 +223,7 @@ class VisionTransformer(nn.Module):
 
   def setup(self):
     s = self.spec
-    self.embedding = nn.Conv(
-      s.width, (s.patch_size, s.patch_size), strides=s.patch_size, padding="VALID", dtype=self.dtype
-    )
+    self.embedding = PatchEmbedding(s.patch_size, s.width, dtype=self.dtype)
     self.cls = self.param("cls", nn.initializers.zeros, (1, 1, s.width))
     self.Transformer = Encoder(s, dtype=self.dtype)
 
