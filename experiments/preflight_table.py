@@ -114,7 +114,13 @@ def _row(report: dict, groups: dict[str, list[str]]) -> str:
   eval_peak = max((f["memory_per_device"]["peak_bytes"] for f in evals), default=None)
   ar = step.get("collectives", {}).get("all-reduce", {}).get("bytes")
   other = {k: v["count"] for k, v in step.get("collectives", {}).items() if k != "all-reduce"}
-  bound = step.get("roofline_bound", {}).get("images_per_s_upper_bound")
+  roofline = step.get("roofline_bound", {})
+  bound = roofline.get("images_per_s_upper_bound")
+  bound_text = (
+    f"{bound:,.0f} ({'compute, matmuls only' if roofline.get('compute_only') else roofline.get('bound_by')})"
+    if bound
+    else "–"
+  )
   fits = "yes" if report["fits"] else "**no**"
   name = report["_config"]
   configs = ", ".join(groups.get(name, [name]))
@@ -129,7 +135,7 @@ def _row(report: dict, groups: dict[str, list[str]]) -> str:
     f"{step['flops_per_image'] / 1e9:.0f}" if step.get("flops_per_image") else "–",
     f"{ar / 2**20:.1f}" if ar is not None else "0",
     ", ".join(f"{v} {k}" for k, v in sorted(other.items())) or "none",
-    f"{bound:,.0f}" if bound else "–",
+    bound_text,
     " / ".join(f"{f['compile_s']:.0f}" for f in report["functions"]),
   ]
   return "| " + " | ".join(cells) + " |"
@@ -141,7 +147,7 @@ def table(out: pathlib.Path) -> str:
   reports = []
   for path in sorted(out.glob("*_*seeds.json")):
     report = json.loads(path.read_text())
-    report["_config"] = path.name.split("_v")[0].split("_h100")[0].split("_a100")[0]
+    report["_config"] = path.name.split(f"_{report['target']}_")[0]  # <config>_<target>_<K>seeds
     reports.append(report)
   order = {t: i for i, t in enumerate(TARGETS)}
   reports.sort(key=lambda r: (r["_config"], order.get(r["target"], 99), len(r["seeds"])))
