@@ -41,7 +41,7 @@ CONFIGS = (
   "plantvillage",
   "kvasir",
 )
-TARGETS = ("v5litepod-8", "v4-8", "v5p-8", "h100x1", "h100x8")
+TARGETS = ("v5litepod-8", "v4-8", "v5p-8", "h100x1", "h100x8", "a100x1", "t4x1")
 # 1: the plain run (no --config.seeds: the unstacked step); 5: five seeds stacked in one step
 SEEDS = {1: None, 5: "0,1,2,3,4"}
 OUT = ROOT / "experiments" / "results" / "preflight"
