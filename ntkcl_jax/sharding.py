@@ -40,8 +40,9 @@ def mesh_of(
   the devices span several slices (a multi-slice TPU job), the slices go on the outermost axis
   whose size they divide (`mesh_utils.create_hybrid_device_mesh`: that axis crosses the
   data-centre network, the others stay within a slice), so a stacked run puts its independent
-  seeds on different slices, and a data-parallel run reduces gradients within each slice
-  before the one exchange across slices.
+  seeds on different slices (no traffic between them), and a data-parallel run splits its batch
+  over slices last (XLA then reduces its gradients within each slice and across slices with
+  transfers between them; `ntkcl_jax.preflight` counts those as `dcn-*`).
 
   Raises:
     ValueError: no axis of `shape` is divisible by the number of slices.

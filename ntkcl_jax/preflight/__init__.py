@@ -23,6 +23,10 @@ estimate for the target, not a measurement on it; a GPU compile also does no aut
 choices and temp sizes may differ on the device). Exit status: 0 all fit, 1 a function does not
 fit in HBM, 2 a usage error (unknown target, invalid config, the target's plugin missing).
 
+With `analysis.enabled` (or `functions` naming it) it also compiles `ntk_block`, the NTK hook's
+kernel for two probe blocks on one device (`ntk_block_lowered`). `--slices N` compiles for a
+multi-slice TPU job (the mesh from `sharding.mesh_of`, as the trainer builds it).
+
 Not compiled: the method's own extra programs (`Method.programs`, e.g. the linear or ridge
 predictor; their signatures are the method's) and the host-side end-of-task work.
 """
@@ -154,9 +158,11 @@ def abstract_args(plan: Any, method: Any, stack: Any, programs: Any) -> dict[str
   return out
 
 
-def ntk_block_lowered(config: Any, plan: Any, method: Any, device: Any) -> tuple[Any, int]:
+def ntk_block_lowered(
+  config: Any, plan: Any, method: Any, device: Any
+) -> tuple[Any, dict[str, int]]:
   """The NTK hook's kernel Θ(x1, x2) for two blocks of b probes on one `device`, lowered on
-  abstract inputs; and b.
+  abstract inputs; and {"block": b, "probes": the run's probe count}.
 
   b is `analysis.batch_size`, or every probe of the run (T (n_train + n_test)) when 0 (no
   blocking). The kernel is the hook's own (`analysis.hook.kernel_meters`: output, projection,
@@ -170,7 +176,8 @@ def ntk_block_lowered(config: Any, plan: Any, method: Any, device: Any) -> tuple
 
   settings, spec = NTKSettings.from_config(config), method.spec
   meter, tripled = kernel_meters(settings, spec)
-  block = settings.batch_size or plan.num_tasks * (settings.n_train + settings.n_test)
+  probes = plan.num_tasks * (settings.n_train + settings.n_test)
+  block = settings.batch_size or probes
   mesh = jax.sharding.Mesh(np.array([device]), ("ntk",))
   one = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   params = jax.eval_shape(lambda: init_params(spec, init_key(plan.seeds[0]), None))
@@ -188,7 +195,8 @@ def ntk_block_lowered(config: Any, plan: Any, method: Any, device: Any) -> tuple
   kwargs = {
     k: jax.ShapeDtypeStruct(shape, jnp.float32, sharding=one) for k, shape in kwargs.items()
   }
-  return (tripled or meter).lower_block(theta, images, images, rest=rest, **kwargs), block
+  lowered = (tripled or meter).lower_block(theta, images, images, rest=rest, **kwargs)
+  return lowered, {"block": block, "probes": probes}
 
 
 FUNCTIONS = ("train_step", "features", "predict", "ntk_block")
@@ -246,13 +254,10 @@ def preflight(
   analysis = None
   wanted = "ntk_block" in functions if functions is not None else config.analysis.enabled
   if wanted:
-    lowered, block = ntk_block_lowered(config, plan, method, target.devices[0])
+    lowered, analysis = ntk_block_lowered(config, plan, method, target.devices[0])
     # the kernel runs at "highest" precision (`analysis.ntk_dispatch`), on one device
-    results.append(analyse("ntk_block", lowered, 2 * block, 1, target.chip, "highest", None))
-    analysis = {
-      "block": block,
-      "probes": plan.num_tasks * (config.analysis.n_train + config.analysis.n_test),
-    }
+    images_per_call = 2 * analysis["block"]
+    results.append(analyse("ntk_block", lowered, images_per_call, 1, target.chip, "highest", None))
   dev = target.devices[0]
   return {
     "target": target.name,
