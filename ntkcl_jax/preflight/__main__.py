@@ -1,5 +1,5 @@
 """`python -m ntkcl_jax.preflight --config <config.py> --target <target> [--json FILE]
-[--functions train_step,features,predict] [--slices N]
+[--functions train_step,features,predict,ntk_block] [--slices N]
 [--max-seeds | --max-batch | --max-ntk-block [--capacity-limit N]]`."""
 
 import sys
@@ -20,7 +20,8 @@ _JSON = flags.DEFINE_string("json", None, "Also write the report as JSON to this
 _FUNCTIONS = flags.DEFINE_list(
   "functions",
   None,
-  "Compile only these of train_step, features, predict (default all).",
+  "Compile only these of train_step, features, predict, ntk_block (default: the first three, "
+  "and ntk_block, the NTK hook's kernel, when analysis.enabled).",
 )
 _SLICES = flags.DEFINE_integer(
   "slices", 1, "A multi-slice job: this many copies of the --target slice (TPU)."
