@@ -44,8 +44,17 @@ class NTKCLMethod(Method):
     """The ridge head of `eval.head=ridge` (built when first used: its projection is drawn)."""
     if self.plan.eval_head != "ridge":
       return None
-    width = self.plan.spec.feature_dim * (3 if self.plan.ridge.features == "cpm" else 1)
-    return RidgeReadout(self.plan, width)
+    return RidgeReadout(self.plan, self.classified_width)
+
+  @property
+  def classifies_cpm(self) -> bool:
+    """Whether the head reads [c; p; m] (`eval.head=ridge`, `ridge.features=cpm`), else m."""
+    return self.plan.eval_head == "ridge" and self.plan.ridge.features == "cpm"
+
+  @property
+  def classified_width(self) -> int:
+    """Width of the feature the head reads: 3D for [c; p; m], else D."""
+    return self.plan.spec.feature_dim * (3 if self.classifies_cpm else 1)
 
   @property
   def supports_stacked_seeds(self) -> bool:
@@ -65,9 +74,8 @@ class NTKCLMethod(Method):
   def programs(self, parts: ProgramParts) -> dict[str, Callable[..., Any]]:
     if self.ridge is None:
       return {}
-    cpm = self.plan.ridge.features == "cpm"
     return self.ridge.programs(
-      parts.jit(make_cpm_feature_fn(parts.model)) if cpm else parts.features
+      parts.jit(make_cpm_feature_fn(parts.model)) if self.classifies_cpm else parts.features
     )
 
   def ema_after_task(self, ema: Any, current: Any, task: int, last: bool) -> Any:

@@ -209,11 +209,6 @@ class NTKCLOGD(NTKCLMethod):
       constrain=lambda updates, aux: project_off(updates, aux["ogd_basis"]),
     )
 
-  @property
-  def classifies_cpm(self) -> bool:
-    """Whether the head reads [c; p; m] (`eval.head=ridge`, `ridge.features=cpm`), else m."""
-    return self.plan.eval_head == "ridge" and self.plan.ridge.features == "cpm"
-
   def output_fn(self, model: NTKCL) -> Features:
     """The classified feature whose tangent features enter the basis: (b, D) or (b, 3D)."""
     return make_cpm_feature_fn(model) if self.classifies_cpm else make_feature_fn(model)
@@ -248,7 +243,7 @@ class NTKCLOGD(NTKCLMethod):
       sample_indices(st.train_indices(end.task), seed, end.task, o.samples)
       for st, seed in zip(end.streams, self.plan.seeds)
     ]
-    dim = self.spec.feature_dim * (3 if self.classifies_cpm else 1)
+    dim = self.classified_width
     directions = [
       output_directions(len(idx), dim, o.directions, seed, end.task)
       for idx, seed in zip(samples, self.plan.seeds)
