@@ -10,8 +10,8 @@ Command (the README's table; hours of compiling on a small CPU host, resumable):
 this machine's CPU devices and groups the configs whose StableHLO texts are identical (identical
 programs for any target, since the target changes only the devices): one row per group.
 `compile` runs `python -m ntkcl_jax.preflight` once per (group, target, seeds), seeds being one
-seed (the plain, unstacked run) or 5 stacked (`--config.seeds=0,1,2,3,4`), writing `<out>/<config>_<target>_<K>seeds.json`;
-an existing file is kept (rerun to resume). `--functions train_step` compiles only the step.
+seed (the plain, unstacked run) or 5 stacked (`--config.seeds=0,1,2,3,4`), writing
+`<out>/<config>_<target>_<K>seeds.json`; an existing file is kept (rerun to resume). `--functions train_step` compiles only the step.
 `table` renders every JSON present. All figures are deviceless compile estimates, not
 measurements; images/s is a roofline upper bound.
 """
@@ -62,11 +62,9 @@ def program_signature(name: str) -> str:
   config = importlib.import_module(f"experiments.configs.{name}").get_config()
   plan, method, stack, programs = pf.build(config, pf.resolve_target("cpu").devices)
   args = pf.abstract_args(plan, method, stack, programs)
-  fns = {"train_step": programs.train_step, "features": programs.features}
-  fns["predict"] = programs.predict
   digest = hashlib.sha256()
-  for fn_name, fn_args in sorted(args.items()):
-    digest.update(fns[fn_name].lower(*fn_args).as_text().encode())
+  for fn_name, fn_args in sorted(args.items()):  # `Programs` attributes of the same names
+    digest.update(getattr(programs, fn_name).lower(*fn_args).as_text().encode())
   return digest.hexdigest()
 
 

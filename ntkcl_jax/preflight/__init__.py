@@ -219,8 +219,6 @@ def preflight(
   plan, method, stack, programs = build(config, target.devices)
   args = abstract_args(plan, method, stack, programs)
   analytic = analytic_flops(method.spec, plan.num_classes, plan.head_width, plan.batch_size)
-  fns = {"train_step": programs.train_step, "features": programs.features}
-  fns["predict"] = programs.predict
   images = {
     "train_step": stack.size * plan.batch_size,
     "features": stack.size * plan.eval_batch_size,
@@ -239,7 +237,7 @@ def preflight(
   for name, fn_args in args.items():
     if functions is not None and name not in functions:
       continue
-    lowered = fns[name].lower(*fn_args)
+    lowered = getattr(programs, name).lower(*fn_args)  # `abstract_args` keys name `Programs` fields
     results.append(
       analyse(
         name,
